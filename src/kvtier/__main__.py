@@ -1,0 +1,5 @@
+import sys
+
+from kvtier.entrypoints.cli import main
+
+sys.exit(main())

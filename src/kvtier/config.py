@@ -1,0 +1,57 @@
+"""Engine options: the same names in the Python API, the CLI (as --kebab-case) and the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtier.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str = "default"  # "default", an HF folder, a .gguf file, or a named shape with load_format="dummy"
+    load_format: str = "auto"  # "auto" | "dummy" (random weights)
+    dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    device: str = "auto"  # "auto" | "cpu" | "cuda[:N]"
+    max_model_len: int | None = None  # default: the model's context length
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory: str | int = "auto"  # bytes for the KV pool, e.g. "2GiB"
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory
+    kv_policy: str = "plain"
+    kv_policy_options: dict = field(default_factory=dict)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    hf_overrides: dict = field(default_factory=dict)
+    num_threads: int | None = None  # CPU threads for torch (default: torch's choice)
+
+    def __post_init__(self):
+        at_least = [("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1),
+                    ("max_model_len", 2), ("num_kv_blocks", 1)]
+        for name, low in at_least:
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ConfigError(f"{name} must be >= {low}, got {value}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype '{self.dtype}'", f"use auto or one of {', '.join(DTYPES)}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError as e:
+            raise ConfigError(f"unknown device '{self.device}'", "use auto, cpu or cuda[:N]") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device cuda was asked for but no CUDA GPU is available", "use --device cpu")
+        return dev
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if device.type == "cpu" else torch.bfloat16
+        return DTYPES[self.dtype]

@@ -1,0 +1,434 @@
+// kvtier CPU kernels: paged decode attention, KV cache writes, RMSNorm, RoPE, SiLU-and-mul.
+//
+// Portable C++ that the compiler vectorizes; hot loops are compiled once per instruction set
+// (target_clones: AVX-512, AVX2+FMA, baseline) and the CPU picks its clone at load time, so one
+// build runs on any x86-64. Threads come from ATen's pool (at::parallel_for).
+//
+// Cache layout (one layer): k_cache, v_cache: [num_blocks, Hkv, block_size, D].
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KV_CLONES
+#endif
+
+namespace {
+
+inline float to_f(float x) { return x; }
+inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float to_f(c10::Half x) { return static_cast<float>(x); }
+template <typename T> inline T from_f(float x) { return static_cast<T>(x); }
+
+// exp(x), branch-free so loops over it vectorize (libm's expf does not).
+// Cody-Waite range reduction and a degree-6 polynomial: relative error < 2e-7.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// ---- paged decode attention -------------------------------------------------------------------
+
+struct DecodeArgs {
+  const float* q;            // [B, Hq, D], pre-scaled, fp32
+  const void* k;             // [NB, Hkv, bs, D]
+  const void* v;
+  const int64_t* tables;     // [B, W]
+  const int64_t* ctx;        // [B]
+  float* out;                // [B, Hkv, S, G, D] partial outputs (normalized)
+  float* lse;                // [B, Hkv, S, G]
+  int64_t Hkv, G, D, bs, W, S, seg_blocks;
+};
+
+constexpr int kMaxG = 16;   // query heads per KV head handled in one pass
+constexpr int kMaxD = 256;
+constexpr int kMaxBS = 64;
+
+// One (sequence, KV head, segment): online softmax over the segment's blocks.
+template <typename T>
+KV_CLONES void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
+  const int64_t G = a.G, D = a.D, bs = a.bs;
+  const int64_t ctx = a.ctx[b];
+  const int64_t nblocks = (ctx + bs - 1) / bs;
+  const int64_t j0 = s * a.seg_blocks, j1 = std::min(nblocks, j0 + a.seg_blocks);
+  float acc[kMaxG][kMaxD];
+  float m[kMaxG], l[kMaxG];
+  float sc[kMaxG][kMaxBS];
+  for (int64_t g = 0; g < G; ++g) {
+    m[g] = -std::numeric_limits<float>::infinity();
+    l[g] = 0.f;
+    for (int64_t d = 0; d < D; ++d) acc[g][d] = 0.f;
+  }
+  const float* q = a.q + (b * a.Hkv + h) * G * D;
+  const T* kbase = static_cast<const T*>(a.k);
+  const T* vbase = static_cast<const T*>(a.v);
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t blk = a.tables[b * a.W + j];
+    const int64_t n = std::min(bs, ctx - j * bs);
+    const T* kb = kbase + (blk * a.Hkv + h) * bs * D;
+    const T* vb = vbase + (blk * a.Hkv + h) * bs * D;
+    for (int64_t t = 0; t < n; ++t) {
+      const T* kt = kb + t * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = q + g * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qg[d] * to_f(kt[d]);
+        sc[g][t] = dot;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float mx = m[g];
+      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sc[g][t]);
+      const float alpha = fast_exp(m[g] - mx);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < n; ++t) {
+        sc[g][t] = fast_exp(sc[g][t] - mx);
+        sum += sc[g][t];
+      }
+      l[g] = l[g] * alpha + sum;
+      m[g] = mx;
+      float* ag = acc[g];
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) ag[d] *= alpha;
+      for (int64_t t = 0; t < n; ++t) {
+        const T* vt = vb + t * D;
+        const float p = sc[g][t];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ag[d] += p * to_f(vt[d]);
+      }
+    }
+  }
+  const int64_t base = ((b * a.Hkv + h) * a.S + s) * G;
+  for (int64_t g = 0; g < G; ++g) {
+    float* o = a.out + (base + g) * D;
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[g][d] * inv;
+    a.lse[base + g] = l[g] > 0.f ? m[g] + std::log(l[g]) : -std::numeric_limits<float>::infinity();
+  }
+}
+
+// Merge S partial results per (b, h, g) by their log-sum-exp weights.
+void merge_segments(const float* part, const float* plse, int64_t B, int64_t Hkv, int64_t S, int64_t G,
+                    int64_t D, float* out, float* lse_out) {
+  at::parallel_for(0, B * Hkv * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bh = i / G, g = i % G;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s < S; ++s) mx = std::max(mx, plse[(bh * S + s) * G + g]);
+      float* o = out + i * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      float total = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        const float ls = plse[(bh * S + s) * G + g];
+        if (ls == -std::numeric_limits<float>::infinity()) continue;
+        const float w = std::exp(ls - mx);
+        total += w;
+        const float* p = part + ((bh * S + s) * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * p[d];
+      }
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      if (lse_out) lse_out[i] = total > 0.f ? mx + std::log(total) : -std::numeric_limits<float>::infinity();
+    }
+  });
+}
+
+int64_t choose_segments(int64_t B, int64_t Hkv, int64_t max_blocks) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t items = B * Hkv;
+  int64_t S = (4 * threads + items - 1) / items;  // enough work items to balance the threads
+  S = std::min(S, max_blocks / 32);  // but segments of at least 32 blocks: merging has a cost
+  return std::max<int64_t>(1, S);
+}
+
+}  // namespace
+
+// q: [B, Hq, D]; caches [NB, Hkv, bs, D]; tables [B, W] int64; ctx [B] int64.
+// Returns (out [B, Hq, D] in q's dtype, lse [B, Hq] fp32, natural log).
+std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                                  torch::Tensor tables, torch::Tensor ctx, double scale,
+                                                  int64_t num_segments) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [B,Hq,D], cache [NB,Hkv,bs,D]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V caches differ in dtype");
+  TORCH_CHECK(tables.scalar_type() == torch::kLong && ctx.scalar_type() == torch::kLong, "int64 tables");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2);
+  TORCH_CHECK(Hq % Hkv == 0, "query heads must be a multiple of KV heads");
+  const int64_t G = Hq / Hkv;
+  TORCH_CHECK(G <= kMaxG && D <= kMaxD && bs <= kMaxBS, "head group, head dim or block size too large");
+  auto tables_c = tables.contiguous();
+  auto ctx_c = ctx.contiguous();
+  const int64_t W = tables_c.size(1);
+  const int64_t S = num_segments > 0 ? num_segments : choose_segments(B, Hkv, W);
+  const int64_t seg_blocks = (W + S - 1) / S;
+  auto qf = (q.to(torch::kFloat) * scale).contiguous();
+  auto opts = q.options().dtype(torch::kFloat);
+  auto part = torch::empty({B, Hkv, S, G, D}, opts);
+  auto plse = torch::empty({B, Hkv, S, G}, opts);
+  DecodeArgs a{qf.data_ptr<float>(), k_cache.data_ptr(), v_cache.data_ptr(), tables_c.data_ptr<int64_t>(),
+               ctx_c.data_ptr<int64_t>(), part.data_ptr<float>(), plse.data_ptr<float>(),
+               Hkv, G, D, bs, W, S, seg_blocks};
+  const auto dtype = k_cache.scalar_type();
+  at::parallel_for(0, B * Hkv * S, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (Hkv * S), h = (i / S) % Hkv, s = i % S;
+      if (dtype == torch::kFloat) decode_one<float>(a, b, h, s);
+      else if (dtype == torch::kBFloat16) decode_one<c10::BFloat16>(a, b, h, s);
+      else decode_one<c10::Half>(a, b, h, s);
+    }
+  });
+  if (S == 1) {
+    return {part.view({B, Hq, D}).to(q.scalar_type()), plse.view({B, Hq})};
+  }
+  auto out = torch::empty({B, Hq, D}, opts);
+  auto lse = torch::empty({B, Hq}, opts);
+  merge_segments(part.data_ptr<float>(), plse.data_ptr<float>(), B, Hkv, S, G, D, out.data_ptr<float>(),
+                 lse.data_ptr<float>());
+  return {out.to(q.scalar_type()), lse};
+}
+
+// ---- KV cache write -----------------------------------------------------------------------------
+
+// k, v: [T, Hkv, D] (any strides along T and heads, unit stride along D); blocks, offsets: [T].
+void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
+              torch::Tensor blocks, torch::Tensor offsets) {
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k and v need unit stride along head_dim");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
+              "k/v dtype differs from the cache's");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k.sizes() == v.sizes(), "shapes");
+  TORCH_CHECK(blocks.scalar_type() == torch::kLong && offsets.scalar_type() == torch::kLong, "int64 slots");
+  const int64_t T = k.size(0), Hkv = k.size(1), D = k.size(2), bs = k_cache.size(2);
+  auto bl = blocks.contiguous(), of = offsets.contiguous();
+  const int64_t* bp = bl.data_ptr<int64_t>();
+  const int64_t* op = of.data_ptr<int64_t>();
+  const int64_t es = k.element_size();
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  at::parallel_for(0, T * Hkv, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / Hkv, h = i % Hkv;
+      const int64_t dst = ((bp[t] * Hkv + h) * bs + op[t]) * D * es;
+      std::memcpy(kc + dst, kp + (t * k.stride(0) + h * k.stride(1)) * es, D * es);
+      std::memcpy(vc + dst, vp + (t * v.stride(0) + h * v.stride(1)) * es, D * es);
+    }
+  });
+}
+
+// ---- RMSNorm, residual add, RoPE, SiLU-and-mul --------------------------------------------------
+
+namespace {
+
+template <typename T>
+KV_CLONES void rms_row(const T* x, const T* w, T* y, int64_t H, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < H; ++i) {
+    const float f = to_f(x[i]);
+    ss += f * f;
+  }
+  const float r = 1.f / std::sqrt(ss / H + eps);
+    // as HF: normalize in fp32, round to the model dtype, then scale by the weight
+  for (int64_t i = 0; i < H; ++i) y[i] = from_f<T>(to_f(w[i]) * to_f(from_f<T>(to_f(x[i]) * r)));
+}
+
+template <typename T>
+KV_CLONES void add_row(T* h, const T* x, int64_t H) {
+  for (int64_t i = 0; i < H; ++i) h[i] = from_f<T>(to_f(h[i]) + to_f(x[i]));
+}
+
+template <typename T>
+KV_CLONES void rope_row(T* x, const T* cos, const T* sin_signed, int64_t heads, int64_t head_stride, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t hh = 0; hh < heads; ++hh) {
+    T* p = x + hh * head_stride;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = to_f(p[i]), b = to_f(p[i + half]);
+      p[i] = from_f<T>(a * to_f(cos[i]) + b * to_f(sin_signed[i]));
+      p[i + half] = from_f<T>(b * to_f(cos[i + half]) + a * to_f(sin_signed[i + half]));
+    }
+  }
+}
+
+template <typename T>
+KV_CLONES void silu_mul_row(const T* gu, T* y, int64_t I) {
+  for (int64_t i = 0; i < I; ++i) {
+    const float g = to_f(gu[i]);
+    y[i] = from_f<T>(to_f(from_f<T>(g / (1.f + fast_exp(-g)))) * to_f(gu[I + i]));
+  }
+}
+
+template <typename F>
+void dispatch(torch::ScalarType t, F&& f) {
+  if (t == torch::kFloat) f(float{});
+  else if (t == torch::kBFloat16) f(c10::BFloat16{});
+  else if (t == torch::kHalf) f(c10::Half{});
+  else TORCH_CHECK(false, "unsupported dtype");
+}
+
+}  // namespace
+
+// y = RMSNorm(x) * w; x: [T, H] contiguous.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && w.numel() == x.size(1) && w.is_contiguous(), "x [T, H], w [H]");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "x and w differ in dtype");
+  auto xc = x.contiguous();
+  auto y = torch::empty_like(xc);
+  const int64_t T = xc.size(0), H = xc.size(1);
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using T_ = decltype(tag);
+    const T_* xp = static_cast<const T_*>(xc.data_ptr());
+    const T_* wp = static_cast<const T_*>(w.data_ptr());
+    T_* yp = static_cast<T_*>(y.data_ptr());
+    at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) rms_row(xp + t * H, wp, yp + t * H, H, static_cast<float>(eps));
+    });
+  });
+  return y;
+}
+
+// h += x (in place), then return RMSNorm(h) * w; h, x: [T, H] contiguous.
+torch::Tensor add_rms_norm(torch::Tensor h, torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(h.is_contiguous() && h.dim() == 2 && x.sizes() == h.sizes(), "h, x: [T, H], h contiguous");
+  TORCH_CHECK(w.numel() == h.size(1) && w.is_contiguous() && w.scalar_type() == h.scalar_type(), "w: [H]");
+  auto xc = x.contiguous();
+  auto y = torch::empty_like(h);
+  const int64_t T = h.size(0), H = h.size(1);
+  dispatch(h.scalar_type(), [&](auto tag) {
+    using T_ = decltype(tag);
+    T_* hp = static_cast<T_*>(h.data_ptr());
+    const T_* xp = static_cast<const T_*>(xc.data_ptr());
+    const T_* wp = static_cast<const T_*>(w.data_ptr());
+    T_* yp = static_cast<T_*>(y.data_ptr());
+    at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        add_row(hp + t * H, xp + t * H, H);
+        rms_row(hp + t * H, wp, yp + t * H, H, static_cast<float>(eps));
+      }
+    });
+  });
+  return y;
+}
+
+// In place on x: [T, heads, D] with unit stride along D; cos, sin_signed: [P, D]; positions: [T].
+void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin_signed, torch::Tensor positions) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && cos.is_contiguous() && sin_signed.is_contiguous(), "bad strides");
+  TORCH_CHECK(cos.size(1) == x.size(2) && sin_signed.sizes() == cos.sizes(), "cos/sin: [P, D]");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && positions.scalar_type() == torch::kLong, "dtypes");
+  const int64_t T = x.size(0), heads = x.size(1), D = x.size(2);
+  auto pos = positions.contiguous();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using T_ = decltype(tag);
+    T_* xp = static_cast<T_*>(x.data_ptr());
+    const T_* cp = static_cast<const T_*>(cos.data_ptr());
+    const T_* sp = static_cast<const T_*>(sin_signed.data_ptr());
+    at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t)
+        rope_row(xp + t * x.stride(0), cp + pp[t] * D, sp + pp[t] * D, heads, x.stride(1), D);
+    });
+  });
+}
+
+// gate_up: [T, 2I] -> silu(gate) * up: [T, I]
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up: [T, 2I]");
+  auto gu = gate_up.contiguous();
+  const int64_t T = gu.size(0), I = gu.size(1) / 2;
+  auto y = torch::empty({T, I}, gu.options());
+  dispatch(gu.scalar_type(), [&](auto tag) {
+    using T_ = decltype(tag);
+    const T_* gp = static_cast<const T_*>(gu.data_ptr());
+    T_* yp = static_cast<T_*>(y.data_ptr());
+    at::parallel_for(0, T, 8, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) silu_mul_row(gp + t * 2 * I, yp + t * I, I);
+    });
+  });
+  return y;
+}
+
+// ---- GEMV: y[1, N] = x[1, K] @ W[N, K]^T (+ b), the batch-1 decode case -------------------------
+// Streams W once at the memory bandwidth; four rows at a time keep four independent accumulators.
+
+namespace {
+
+KV_CLONES void gemv_rows(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t n0,
+                         int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const float* w0 = w + n * K;
+    const float* w1 = w0 + K;
+    const float* w2 = w1 + K;
+    const float* w3 = w2 + K;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t k = 0; k < K; ++k) {
+      a0 += x[k] * w0[k];
+      a1 += x[k] * w1[k];
+      a2 += x[k] * w2[k];
+      a3 += x[k] * w3[k];
+    }
+    y[n] = a0; y[n + 1] = a1; y[n + 2] = a2; y[n + 3] = a3;
+  }
+  for (; n < n1; ++n) {
+    const float* wn = w + n * K;
+    float a = 0.f;
+#pragma omp simd reduction(+ : a)
+    for (int64_t k = 0; k < K; ++k) a += x[k] * wn[k];
+    y[n] = a;
+  }
+  if (bias)
+    for (int64_t i = n0; i < n1; ++i) y[i] += bias[i];
+}
+
+}  // namespace
+
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.scalar_type() == torch::kFloat, "x: [1, K] float32");
+  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == torch::kFloat, "w: [N, K] contiguous float32");
+  const int64_t K = x.size(1), N = w.size(0);
+  auto xc = x.contiguous();
+  auto y = torch::empty({1, N}, x.options());
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const int64_t groups = (N + 3) / 4;
+  at::parallel_for(0, groups, 16, [&](int64_t b, int64_t e) {
+    gemv_rows(xc.data_ptr<float>(), w.data_ptr<float>(), bp, y.data_ptr<float>(), K, b * 4, std::min(N, e * 4));
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv, "batch-1 float32 matrix-vector product");
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention with split-KV merge");
+  m.def("write_kv", &write_kv, "write new K/V rows into their cache slots");
+  m.def("rms_norm", &rms_norm, "RMSNorm");
+  m.def("add_rms_norm", &add_rms_norm, "residual add in place, then RMSNorm");
+  m.def("rope_", &rope_, "half-split rotary embedding in place");
+  m.def("silu_mul", &silu_mul, "SiLU(gate) * up");
+}

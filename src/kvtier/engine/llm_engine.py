@@ -1,0 +1,298 @@
+"""The engine: requests in, one scheduled step at a time, outputs back.
+
+``add_request`` checks and queues a request; ``step`` schedules a batch, runs it, samples, applies
+stop conditions and returns the outputs of every request that moved.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtier.config import EngineConfig
+from kvtier.engine.model_runner import ModelRunner
+from kvtier.engine.outputs import CompletionOutput, RequestOutput, RequestStats
+from kvtier.engine.sampler import sample
+from kvtier.engine.scheduler import Scheduler, SchedulerConfig
+from kvtier.engine.sequence import Sequence
+from kvtier.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from kvtier.errors import ConfigError, RequestError
+from kvtier.kv.block_manager import BlockManager
+from kvtier.kv.block_pool import BlockPool
+from kvtier.kv.cache import PagedKVCache
+from kvtier.kv.policies import make_policy
+from kvtier.kv.storage import KVLayout, KVStorage
+from kvtier.models.loader import LoadedModel, load_model
+from kvtier.utils.units import format_bytes, parse_bytes
+
+AUTO_KV_MEMORY_CPU = 4 * 2**30
+
+
+@dataclass(slots=True)
+class Request:
+    request_id: str
+    prompt: str | None
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer | None]
+    generators: list[torch.Generator | None]
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_steps: int = 0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    forward_s: float = 0.0  # model + sampling time over all steps
+    decode_only_steps: int = 0
+    decode_only_s: float = 0.0  # time of steps that ran decodes only
+    decode_only_tokens: int = 0
+    peak_blocks_used: int = 0
+    step_log: list[dict] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, log_steps: bool = False, loaded: LoadedModel | None = None):
+        """``loaded``: reuse weights already in memory (e.g. to run several KV policies)."""
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        device = config.torch_device()
+        self.loaded = loaded or load_model(config.model, config.load_format, config.torch_dtype(device), device,
+                                           config.hf_overrides, config.seed)
+        self.model_config = cfg = self.loaded.config
+        self.tokenizer = self._tokenizer()
+        self.max_model_len = self._max_model_len()
+        self.policy = make_policy(config.kv_policy, config.kv_policy_options)
+        self.layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size,
+                               self.loaded.model.dtype)
+        num_blocks = self._num_blocks(device)
+        self.storage = KVStorage(self.layout, num_blocks, device, tier=self.policy.tiers()[0])
+        self.pool = BlockPool(num_blocks)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
+            BlockManager(self.pool, config.block_size),
+        )
+        self.runner = ModelRunner(self.loaded.model, PagedKVCache(self.storage, cfg.head_dim**-0.5),
+                                  config.block_size)
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.eos_ids = set(cfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+        self.log_steps = log_steps
+        self.incremental_text = False  # servers stream text; offline runs decode once at the end
+        self._ids = itertools.count()
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _tokenizer(self) -> Tokenizer | None:
+        if self.loaded.tokenizer_dir is None:
+            return None
+        tok = Tokenizer(self.loaded.tokenizer_dir)
+        return tok if tok.vocab_size <= self.model_config.vocab_size else None
+
+    def _max_model_len(self) -> int:
+        cfg = self.model_config
+        limit = cfg.max_position_embeddings
+        if cfg.sliding_window:
+            limit = min(limit, cfg.sliding_window)  # within the window, full attention is exact
+        asked = self.config.max_model_len
+        if asked is not None and asked > limit:
+            raise ConfigError(f"max_model_len {asked} exceeds the model's context of {limit} tokens",
+                              f"use --max-model-len {limit} or less")
+        return asked or limit
+
+    def _num_blocks(self, device: torch.device) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            num = cfg.num_kv_blocks
+        else:
+            budget = self._auto_kv_bytes(device) if cfg.kv_cache_memory == "auto" \
+                else parse_bytes(cfg.kv_cache_memory, "kv_cache_memory")
+            num = budget // self.layout.block_bytes
+        need = -(-self.max_model_len // cfg.block_size)
+        if num < need:
+            raise ConfigError(
+                f"the KV pool holds {num} blocks ({num * cfg.block_size} tokens) but one sequence of "
+                f"max_model_len {self.max_model_len} needs {need}",
+                f"raise --kv-cache-memory to at least {format_bytes(need * self.layout.block_bytes)} "
+                f"or lower --max-model-len",
+            )
+        return num
+
+    def _auto_kv_bytes(self, device: torch.device) -> int:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * 0.8)
+        need = -(-self.max_model_len // self.config.block_size) * self.layout.block_bytes
+        return max(AUTO_KV_MEMORY_CPU, need)
+
+    # ---- requests -----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
+        if prompt_token_ids is None:
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer", "pass prompt_token_ids instead of text")
+            if not isinstance(prompt, str):
+                raise RequestError(f"prompt must be a string, got {type(prompt).__name__}")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise RequestError("the prompt is empty", "send at least one token")
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens but the context (max_model_len) is {self.max_model_len} "
+                "and must keep room for one new token",
+                "shorten the prompt" + (" or raise --max-model-len" if self.max_model_len <
+                                        self.model_config.max_position_embeddings else ""),
+            )
+        return ids
+
+    def add_request(self, request_id: str | None, prompt: str | None, params,
+                    prompt_token_ids: list[int] | None = None) -> str:
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        ids = self.encode_prompt(prompt, prompt_token_ids)
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        seqs, detoks, gens = [], [], []
+        for i in range(params.n):
+            seq = Sequence(next(self._ids), request_id, ids, params, max_tokens, index=i)
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+                          if self.tokenizer is not None else None)
+            gens.append(None if params.seed is None else
+                        torch.Generator(device=self.runner.device).manual_seed(params.seed + i))
+            self.scheduler.add(seq)
+        self.requests[request_id] = Request(request_id, prompt, seqs, detoks, gens)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Cancel a request; its KV blocks are free at once."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            assert not self.scheduler.has_unfinished(), "scheduler stalled with work left"
+            return []
+        self.policy.before_step(batch)
+        t0 = time.perf_counter()
+        seqs, logits = self.runner.run(batch)
+        for seq, n in batch.scheduled():
+            seq.num_computed_tokens += n
+        tokens = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])
+        now = time.perf_counter()
+        self._account(batch, now - t0)
+        touched = {}
+        for seq, tok in zip(seqs, tokens, strict=True):
+            self._append(seq, tok, now)
+            touched[seq.request_id] = None
+        return [self._output(self.requests[r]) for r in touched if r in self.requests]
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        return self.requests[seq.request_id].generators[seq.index] or self.generator
+
+    def _account(self, batch, seconds: float) -> None:
+        st = self.stats
+        st.num_steps += 1
+        st.forward_s += seconds
+        st.num_decode_tokens += len(batch.decodes)
+        st.num_prefill_tokens += batch.num_tokens - len(batch.decodes)
+        if not batch.prefills:
+            st.decode_only_steps += 1
+            st.decode_only_s += seconds
+            st.decode_only_tokens += len(batch.decodes)
+        st.peak_blocks_used = max(st.peak_blocks_used, self.pool.num_used)
+        if self.log_steps:
+            st.step_log.append({
+                "step": st.num_steps, "seconds": seconds, "num_decode": len(batch.decodes),
+                "decode_context": [s.num_computed_tokens for s in batch.decodes],
+                "prefill_chunks": [(s.num_computed_tokens - n, n) for s, n in batch.prefills],
+                "blocks_used": self.pool.num_used, "preempted": len(batch.preempted),
+            })
+
+    def _append(self, seq: Sequence, token: int, now: float) -> None:
+        seq.token_ids.append(token)
+        st = seq.stats
+        if st.first_token is None:
+            st.first_token = now
+        st.last_token = now
+        req = self.requests[seq.request_id]
+        detok = req.detoks[seq.index]
+        p = seq.params
+        can_stop = seq.num_output_tokens >= p.min_tokens
+        if detok is not None and (p.stop or self.incremental_text):
+            delta = detok.step(seq.output_token_ids)
+            if can_stop and p.stop and delta and self._stop_string(seq, detok, len(delta)):
+                return
+        if can_stop and not p.ignore_eos and token in self.eos_ids:
+            self._finish(seq, "stop", None)
+        elif can_stop and token in p.stop_token_ids:
+            self._finish(seq, "stop", token)
+        elif seq.num_output_tokens >= seq.max_tokens:
+            self._finish(seq, "length", None)
+
+    def _stop_string(self, seq: Sequence, detok: IncrementalDetokenizer, new_chars: int) -> bool:
+        text = detok.text
+        for s in seq.params.stop:
+            i = text.find(s, max(0, len(text) - new_chars - len(s) + 1))  # only matches the new text completes
+            if i >= 0:
+                detok.text = text[:i]
+                self._finish(seq, "stop", s, flush=False)
+                return True
+        return False
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason, flush: bool = True) -> None:
+        self.scheduler.finish(seq, reason, stop_reason)
+        seq.stats.finished = time.perf_counter()
+        detok = self.requests[seq.request_id].detoks[seq.index]
+        if detok is not None and flush:
+            if self.incremental_text or seq.params.stop:
+                detok.flush(seq.output_token_ids)
+            else:
+                detok.text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs, stats = [], []
+        for seq, detok in zip(req.seqs, req.detoks, strict=True):
+            text = detok.text if detok is not None else ""
+            outs.append(CompletionOutput(seq.index, text, seq.output_token_ids, seq.finish_reason, seq.stop_reason))
+            stats.append(_stats(seq))
+        finished = all(s.is_finished for s in req.seqs)
+        if finished:
+            self.requests.pop(req.request_id, None)
+        return RequestOutput(req.request_id, req.prompt, req.seqs[0].prompt_token_ids, outs, finished, stats)
+
+    # ---- reports ------------------------------------------------------------------------------
+    def kv_usage(self) -> dict[str, dict]:
+        """Blocks and bytes per memory tier, now and at the peak."""
+        bb = self.layout.block_bytes
+        return {self.storage.tier: {
+            "blocks_total": self.pool.num_blocks, "blocks_used": self.pool.num_used,
+            "bytes_used": self.pool.num_used * bb, "peak_bytes": self.stats.peak_blocks_used * bb,
+            "bytes_total": self.pool.num_blocks * bb,
+        }}
+
+
+def _stats(seq: Sequence) -> RequestStats:
+    st = seq.stats
+    since = lambda t: None if t is None else t - st.arrival  # noqa: E731
+    decode = None if st.first_token is None or st.last_token is None else st.last_token - st.first_token
+    return RequestStats(seq.num_prompt_tokens, seq.num_output_tokens, since(st.first_token), since(st.finished),
+                        decode, st.num_preemptions)

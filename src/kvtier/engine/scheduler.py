@@ -1,0 +1,133 @@
+"""Continuous batching with a token budget per step, chunked prefill and preemption by recompute.
+
+Each step: running sequences first (one token for a decode, the next chunk for a partial
+prefill), oldest first; when blocks run out the newest running sequence is preempted (its blocks
+freed, its tokens recomputed later). Then waiting sequences are admitted, oldest first, while the
+token budget, the sequence limit and free blocks allow. The scheduler knows tokens and blocks,
+never tensors: the simulator drives it with a cost model in place of the model runner.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvtier.engine.sequence import Sequence, Status
+from kvtier.kv.block_manager import BlockManager
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    enable_chunked_prefill: bool = True
+    watermark_blocks: int = 1  # kept free when admitting new work, so running decodes can grow
+
+    def __post_init__(self):
+        assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    decodes: list[Sequence] = field(default_factory=list)  # one token each, run first
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, chunk length)
+    preempted: list[Sequence] = field(default_factory=list)
+    new_blocks: list[int] = field(default_factory=list)  # allocated this step
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+    def scheduled(self) -> list[tuple[Sequence, int]]:
+        return [(s, 1) for s in self.decodes] + self.prefills
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.bm = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        assert seq.status is Status.WAITING and not seq.block_table
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
+        if not batch.preempted:
+            self._admit_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            if not self._make_room(seq, n, batch):
+                break  # seq itself was preempted: it was the newest, nothing runs after it
+            batch.new_blocks += self.bm.grow(seq.block_table, seq.num_computed_tokens + n)
+            if n == 1 and seq.num_uncomputed == 1:
+                batch.decodes.append(seq)
+            else:
+                batch.prefills.append((seq, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _make_room(self, seq: Sequence, n: int, batch: ScheduledBatch) -> bool:
+        """Preempt the newest running sequences until ``seq`` can grow by ``n``; False if seq went."""
+        while not self.bm.can_grow(seq.block_table, seq.num_computed_tokens + n):
+            victim = self.running[-1]
+            self.preempt(victim)
+            batch.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        cfg = self.config
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if n < seq.num_uncomputed and not cfg.enable_chunked_prefill:
+                break
+            reserve = cfg.watermark_blocks if self.running else 0
+            if not self.bm.can_grow(seq.block_table, seq.num_computed_tokens + n, reserve):
+                break
+            self.waiting.popleft()
+            batch.new_blocks += self.bm.grow(seq.block_table, seq.num_computed_tokens + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.prefills.append((seq, n))
+            budget -= n
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it waits at the front and is recomputed later."""
+        self.running.remove(seq)
+        self.bm.release(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        seq.stats.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a sequence (running, waiting or both-neither after abort) and free its blocks."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.release(seq.block_table)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason

@@ -1,0 +1,122 @@
+"""Paged attention over block tables: a compiled CPU fast path and a plain-torch reference.
+
+Cache layout (one layer of one tier): ``k_cache, v_cache: [num_blocks, Hkv, block_size, D]``.
+A sequence's tokens live in the blocks of its block table, in order; token ``t`` sits in block
+``table[t // block_size]`` at offset ``t % block_size``. Kernels follow a plan/run split: the plan
+(block tables, context lengths, index tensors) is built once per step and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvtier.kernels import ext
+
+
+def _fast(t: torch.Tensor):
+    """The compiled module when ``t`` lives on the CPU and the build is available."""
+    return ext.load() if t.device.type == "cpu" else None
+
+
+def write_kv(
+    k_cache: torch.Tensor,  # [NB, Hkv, bs, D]
+    v_cache: torch.Tensor,  # [NB, Hkv, bs, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    blocks: torch.Tensor,  # [T] block id of each new token
+    offsets: torch.Tensor,  # [T] slot in its block
+) -> None:
+    fast = _fast(k_cache)
+    if fast is not None:
+        fast.write_kv(k_cache, v_cache, k, v, blocks, offsets)
+    else:
+        write_kv_reference(k_cache, v_cache, k, v, blocks, offsets)
+
+
+def write_kv_reference(
+    k_cache: torch.Tensor,  # [NB, Hkv, bs, D]
+    v_cache: torch.Tensor,  # [NB, Hkv, bs, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    blocks: torch.Tensor,  # [T] block id of each new token
+    offsets: torch.Tensor,  # [T] slot in its block
+) -> None:
+    k_cache[blocks, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
+
+
+@dataclass(slots=True)
+class DecodePlan:
+    """One decode step of B sequences, shared by all layers."""
+
+    block_tables: torch.Tensor  # [B, W] int64 (padding entries may hold any valid block id)
+    context_lens: torch.Tensor  # [B] int64, tokens to attend to, the new one included
+    gather: torch.Tensor | None = None  # reference path: [B, Hkv, W] rows of the cache as [NB * Hkv, bs, D]
+    invalid: torch.Tensor | None = None  # reference path: [B, 1, 1, W * bs] True past each context
+
+    def reference_index(self, num_kv_heads: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gather is None:
+            dev = self.block_tables.device
+            heads = torch.arange(num_kv_heads, device=dev)
+            self.gather = self.block_tables[:, None, :] * num_kv_heads + heads[None, :, None]
+            pos = torch.arange(self.block_tables.shape[1] * block_size, device=dev)
+            self.invalid = (pos[None, :] >= self.context_lens[:, None])[:, None, None, :]
+        return self.gather, self.invalid
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, Hq, D] one query per sequence
+    k_cache: torch.Tensor,  # [NB, Hkv, bs, D]
+    v_cache: torch.Tensor,  # [NB, Hkv, bs, D]
+    plan: DecodePlan,
+    scale: float,
+) -> torch.Tensor:  # [B, Hq, D]
+    fast = _fast(q)
+    if fast is not None:
+        return fast.paged_decode_attention(q, k_cache, v_cache, plan.block_tables, plan.context_lens, scale, 0)[0]
+    return paged_decode_attention_reference(q, k_cache, v_cache, plan, scale)
+
+
+def paged_decode_attention_reference(q, k_cache, v_cache, plan: DecodePlan, scale: float) -> torch.Tensor:
+    b, hq, d = q.shape
+    nb, hkv, bs, _ = k_cache.shape
+    gather, invalid = plan.reference_index(hkv, bs)
+    t = gather.shape[-1] * bs
+    k = k_cache.view(nb * hkv, bs, d)[gather].view(b, hkv, t, d)
+    v = v_cache.view(nb * hkv, bs, d)[gather].view(b, hkv, t, d)
+    qg = q.reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
+    s = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)  # [B, Hkv, G, T]
+    s.masked_fill_(invalid, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.matmul(p, v).view(b, hq, d)
+
+
+def gather_sequence(
+    cache: torch.Tensor,  # [NB, Hkv, bs, D]
+    block_table: torch.Tensor,  # [nb] blocks of one sequence
+    length: int,
+) -> torch.Tensor:  # [Hkv, length, D]
+    _, hkv, bs, d = cache.shape
+    x = cache[block_table]  # [nb, Hkv, bs, D]
+    return x.transpose(0, 1).reshape(hkv, -1, d)[:, :length]
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [n, Hq, D] queries at positions start .. start+n-1
+    k: torch.Tensor,  # [Hkv, start+n, D] all keys of the sequence up to the last query
+    v: torch.Tensor,  # [Hkv, start+n, D]
+    scale: float,
+) -> torch.Tensor:  # [n, Hq, D]
+    n = q.shape[0]
+    total = k.shape[1]
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+    if total == n:
+        o = F.scaled_dot_product_attention(qh, k[None], v[None], is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        qpos = torch.arange(total - n, total, device=q.device)
+        mask = torch.arange(total, device=q.device)[None, :] <= qpos[:, None]  # [n, total]
+        o = F.scaled_dot_product_attention(qh, k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)

@@ -1,0 +1,93 @@
+"""Compiled CPU kernels against the plain-torch references (which the parity tests tie to HF)."""
+
+import pytest
+import torch
+
+from kvtier.kernels import attention, ext, ops
+from kvtier.kernels.attention import DecodePlan
+
+fast = ext.load()
+pytestmark = pytest.mark.skipif(fast is None, reason="compiled kernels unavailable here")
+
+
+def paged_case(batch, ctx_max, hq, hkv, d, bs, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randint(1, ctx_max + 1, (batch,), generator=g)
+    width = int((ctx.max() + bs - 1) // bs)
+    nb = batch * width + 3
+    k = torch.randn(nb, hkv, bs, d, generator=g).to(dtype)
+    v = torch.randn(nb, hkv, bs, d, generator=g).to(dtype)
+    tables = torch.randperm(nb, generator=g)[: batch * width].view(batch, width)
+    q = torch.randn(batch, hq, d, generator=g).to(dtype)
+    return q, k, v, tables, ctx
+
+
+def textbook(q, k, v, tables, ctx, scale):
+    """float64 attention, one sequence at a time, from the block tables."""
+    outs = []
+    hq, hkv = q.shape[1], k.shape[1]
+    for b in range(q.shape[0]):
+        n = int(ctx[b])
+        kk = k[tables[b]].transpose(0, 1).reshape(hkv, -1, k.shape[-1])[:, :n].double()
+        vv = v[tables[b]].transpose(0, 1).reshape(hkv, -1, k.shape[-1])[:, :n].double()
+        kk, vv = kk.repeat_interleave(hq // hkv, 0), vv.repeat_interleave(hq // hkv, 0)
+        p = torch.softmax((q[b].double()[:, None, :] @ kk.transpose(1, 2)).squeeze(1) * scale, -1)
+        outs.append((p[:, None, :] @ vv).squeeze(1))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("batch,ctx,hq,hkv,d,bs", [
+    (1, 1, 4, 4, 64, 16), (3, 37, 9, 3, 64, 16), (8, 300, 8, 2, 128, 16), (2, 1000, 4, 1, 64, 8),
+    (5, 77, 6, 3, 32, 32),
+])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("segments", [0, 1, 3])
+def test_paged_decode_attention(batch, ctx, hq, hkv, d, bs, dtype, tol, segments):
+    q, k, v, tables, lens = paged_case(batch, ctx, hq, hkv, d, bs, dtype)
+    ref = textbook(q, k, v, tables, lens, d**-0.5)
+    out, lse = fast.paged_decode_attention(q, k, v, tables, lens, d**-0.5, segments)
+    assert out.dtype == dtype and lse.shape == (batch, hq)
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    torch_ref = attention.paged_decode_attention_reference(q, k, v, DecodePlan(tables, lens), d**-0.5)
+    torch.testing.assert_close(torch_ref.double(), ref, atol=tol, rtol=tol)
+
+
+def test_write_kv_matches_index_put():
+    k_cache, v_cache = torch.zeros(6, 2, 4, 8), torch.zeros(6, 2, 4, 8)
+    qkv = torch.randn(5, 6, 8)  # strided views, as the model passes them
+    k, v = qkv[:, 2:4], qkv[:, 4:6]
+    blocks, offsets = torch.tensor([5, 5, 0, 3, 3]), torch.tensor([0, 1, 3, 2, 3])
+    fast.write_kv(k_cache, v_cache, k, v, blocks, offsets)
+    k_ref, v_ref = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    attention.write_kv_reference(k_ref, v_ref, k, v, blocks, offsets)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_norms_rope_silu(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    x, h = (torch.randn(7, 96, generator=g).to(dtype) for _ in range(2))
+    w = torch.randn(96, generator=g).to(dtype)
+    torch.testing.assert_close(fast.rms_norm(x, w, 1e-5), ops.rms_norm_reference(x, w, 1e-5), atol=tol, rtol=tol)
+    h2 = h.clone()
+    y = fast.add_rms_norm(h2, x, w, 1e-5)
+    torch.testing.assert_close(h2, h + x, atol=tol, rtol=tol)
+    torch.testing.assert_close(y, ops.rms_norm_reference(h + x, w, 1e-5), atol=tol, rtol=tol)
+    cos, sin = torch.randn(50, 16, generator=g).to(dtype), torch.randn(50, 16, generator=g).to(dtype)
+    pos = torch.tensor([0, 3, 49, 7, 7, 1, 20])
+    xr = torch.randn(7, 5, 16, generator=g).to(dtype)
+    expect = xr * cos[pos][:, None] + torch.cat((xr[..., 8:], xr[..., :8]), -1) * sin[pos][:, None]
+    got = xr.clone()
+    fast.rope_(got, cos, sin, pos)
+    torch.testing.assert_close(got, expect, atol=tol, rtol=tol)
+    gu = torch.randn(7, 64, generator=g).to(dtype) * 4
+    gate, up = gu.chunk(2, -1)
+    torch.testing.assert_close(fast.silu_mul(gu), torch.nn.functional.silu(gate) * up, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 33), (960, 576), (1027, 130)])
+def test_gemv(n, k):
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(1, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    torch.testing.assert_close(fast.gemv(x, w, None), x @ w.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.gemv(x, w, b), x @ w.T + b, atol=1e-4, rtol=1e-4)
