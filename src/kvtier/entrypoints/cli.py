@@ -1,7 +1,9 @@
-"""The ``kvtier`` command line: generate, chat, compare.
+"""The ``kvtier`` command line: generate, chat, compare (and the commands registered at the end).
 
-Engine options are shared by every command that runs a model (``--model``, ``--kv-policy``...).
-Problems with the user's input end with a one-line ``error: ...`` and exit status 2, no traceback.
+Engine options are shared by every command that runs a model (``--model``, ``--kv-policy``...;
+see ``options.py``). Problems with the user's input end with a one-line ``error: ...`` and exit
+status 2, no traceback. A new command lives in its own module (heavy imports inside the function)
+and is attached to ``cli`` in the registration block below.
 """
 
 from __future__ import annotations
@@ -11,77 +13,9 @@ import sys
 
 import click
 
-from kvtier.config import EngineConfig
+from kvtier.entrypoints.options import engine_config, engine_kwargs, engine_options
 from kvtier.errors import ConfigError, KvtierError
 from kvtier.utils.units import format_bytes
-
-
-def _kv_pairs(ctx, param, values) -> dict:
-    out = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"'{item}' is not KEY=VALUE")
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            out[key] = raw
-    return out
-
-
-def _json_obj(ctx, param, value) -> dict:
-    if not value:
-        return {}
-    try:
-        obj = json.loads(value)
-    except ValueError as e:
-        raise click.BadParameter(f"not valid JSON: {e}") from e
-    if not isinstance(obj, dict):
-        raise click.BadParameter("must be a JSON object, e.g. '{\"num_hidden_layers\": 2}'")
-    return obj
-
-
-ENGINE_OPTIONS = [
-    click.option("--model", "-m", default="default", show_default=True,
-                 help="'default' (SmolLM2-135M-Instruct), an HF model folder, a .gguf file, or with "
-                      "--load-format dummy a named shape (llama-3-8b, ...)"),
-    click.option("--load-format", type=click.Choice(["auto", "dummy"]), default="auto", show_default=True,
-                 help="dummy: random weights for the model's shape"),
-    click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-                 show_default=True, help="weights and KV dtype (auto: float32 on CPU, bfloat16 on CUDA)"),
-    click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]"),
-    click.option("--max-model-len", type=int, default=None, help="context length (default: the model's)"),
-    click.option("--block-size", type=int, default=16, show_default=True, help="tokens per KV block"),
-    click.option("--kv-cache-memory", default="auto", show_default=True,
-                 help="bytes for the KV pool, e.g. 2GiB (auto: 4 GiB on CPU, 80%% of free GPU memory)"),
-    click.option("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (overrides memory)"),
-    click.option("--kv-policy", default="plain", show_default=True, help="where KV blocks live (see compare)"),
-    click.option("--kv-policy-option", "kv_policy_options", multiple=True, callback=_kv_pairs,
-                 metavar="KEY=VALUE", help="an option of the KV policy (repeatable)"),
-    click.option("--max-num-seqs", type=int, default=64, show_default=True, help="sequences per step"),
-    click.option("--max-num-batched-tokens", type=int, default=1024, show_default=True,
-                 help="token budget per step (prefill chunks + decodes)"),
-    click.option("--seed", type=int, default=0, show_default=True, help="engine seed for unseeded sampling"),
-    click.option("--hf-overrides", callback=_json_obj, default=None,
-                 help="JSON fields that override the model config, e.g. '{\"num_hidden_layers\": 2}'"),
-    click.option("--threads", "num_threads", type=int, default=None, help="CPU threads (default: all cores)"),
-]
-
-
-def engine_options(f):
-    for option in reversed(ENGINE_OPTIONS):
-        f = option(f)
-    return f
-
-
-def _config(kw: dict) -> EngineConfig:
-    names = set(EngineConfig.__slots__)
-    return EngineConfig(**{k: v for k, v in kw.items() if k in names})
-
-
-def _pop_engine(kw: dict) -> dict:
-    names = set(EngineConfig.__slots__)
-    return {k: kw.pop(k) for k in list(kw) if k in names}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -113,7 +47,7 @@ def generate(prompts, max_tokens, temperature, top_p, top_k, sample_seed, stop, 
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=sample_seed, stop=list(stop), ignore_eos=ignore_eos)
-    llm = LLM(**_pop_engine(kw))
+    llm = LLM(**engine_kwargs(kw))
     items = [_chat_prompt(llm, p) if as_chat else p for p in prompts]
     if len(items) == 1 and not as_json:
         outs = [_stream(llm, items[0], params)]
@@ -210,7 +144,7 @@ def chat(system, max_tokens, temperature, top_p, sample_seed, **kw):
     from kvtier.entrypoints.llm import LLM
     from kvtier.sampling_params import SamplingParams
 
-    llm = LLM(**_pop_engine(kw))
+    llm = LLM(**engine_kwargs(kw))
     tok = llm.get_tokenizer()
     if tok is None or not tok.has_chat_template:
         raise ConfigError("this model has no chat template", "use `kvtier generate` instead")
@@ -266,7 +200,7 @@ def compare(policies, max_tokens, as_json, **kw):
 
     names = [p.strip() for p in policies.split(",")] if policies else None
     console = Console(stderr=True)
-    config = _config(kw)
+    config = engine_config(kw)
     console.print(f"kvtier compare: {len(COMPARE_PROMPTS)} prompts x {max_tokens} greedy tokens, "
                   f"model {config.model}")
     rows = run(config, names, max_tokens=max_tokens,
@@ -282,6 +216,10 @@ def compare(policies, max_tokens, as_json, **kw):
         t.add_row(r.policy, tiers, f"{r.decode_tokens_per_s:.1f}", f"{100 * r.agreement:.1f}%",
                   "-" if r.first_divergence is None else str(r.first_divergence), str(r.num_preemptions))
     Console(width=max(100, Console().width)).print(t)
+
+
+# ---- commands defined in their own modules ----------------------------------------------------
+# (one line each: cli.add_command(module.command))
 
 
 # ---- entry point ------------------------------------------------------------------------------

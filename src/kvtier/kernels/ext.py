@@ -1,7 +1,8 @@
-"""kvtier's compiled CPU kernels: built from ``csrc/`` on first use and cached in the user cache dir.
+"""kvtier's compiled CPU kernels: each ``csrc/<name>.cpp`` is one module, built on first use and
+cached in the user cache dir (``python -m kvtier.kernels`` builds them all ahead of time).
 
 The build needs a C++ compiler (gcc/clang) and ninja, both checked for; where they are missing or
-the build fails, ``load()`` returns None once with a warning and callers use the pure-torch
+the build fails, ``load(name)`` returns None once with a warning and callers use the pure-torch
 reference path. ``KVTIER_NO_EXT=1`` forces the reference path.
 """
 
@@ -19,19 +20,23 @@ import torch
 
 from kvtier.utils.paths import cache_dir
 
-SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / "cpu_kernels.cpp"]
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # no -march=native: the instruction set is chosen at load time (target_clones in the sources);
 # no -ffast-math: masking with -inf must keep working; -fno-trapping-math lets min/max vectorize
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 
 
-def build_name() -> str:
-    """Name of the build: sources, torch and Python versions, machine type."""
-    h = hashlib.sha256()
-    for src in SOURCES:
-        h.update(src.read_bytes())
+def modules() -> list[str]:
+    return sorted(p.stem for p in CSRC.glob("*.cpp"))
+
+
+def build_name(module: str) -> str:
+    """Name of a build: its source and the shared headers, torch and Python versions, machine type."""
+    h = hashlib.sha256((CSRC / f"{module}.cpp").read_bytes())
+    for header in sorted(CSRC.glob("*.h")):
+        h.update(header.read_bytes())
     h.update(f"{torch.__version__}|{platform.python_version()}|{platform.machine()}".encode())
-    return f"kvtier_cpu_{h.hexdigest()[:12]}"
+    return f"kvtier_{module}_{h.hexdigest()[:12]}"
 
 
 def _toolchain_missing() -> str | None:
@@ -45,8 +50,8 @@ def _toolchain_missing() -> str | None:
 
 
 @cache
-def load(verbose: bool = False):
-    """The compiled module, or None (with one warning) if it cannot be built here."""
+def load(module: str = "cpu_kernels", verbose: bool = False):
+    """The compiled ``csrc/<module>.cpp``, or None (with one warning) if it cannot be built here."""
     if os.environ.get("KVTIER_NO_EXT") == "1":
         return None
     missing = _toolchain_missing()
@@ -55,15 +60,13 @@ def load(verbose: bool = False):
         return None
     from torch.utils.cpp_extension import load as build
 
-    build_dir = cache_dir("kernels", build_name())
+    name = build_name(module)
     try:
-        return build(name=build_name(), sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
-                     extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=verbose)
+        return build(name=name, sources=[str(CSRC / f"{module}.cpp")], build_directory=str(cache_dir("kernels", name)),
+                     extra_cflags=CFLAGS, extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"],
+                     verbose=verbose)
     except Exception as e:  # compiler errors arrive as RuntimeError/CalledProcessError/ImportError
-        warnings.warn(f"kvtier: using reference kernels: building {build_name()} failed: "
+        warnings.warn(f"kvtier: using reference kernels for {module}: building {name} failed: "
                       f"{str(e).splitlines()[0]}", stacklevel=2)
         return None
 
-
-if __name__ == "__main__":  # python -m kvtier.kernels.ext: build ahead of time
-    print("kvtier kernels:", "ready" if load(verbose=True) is not None else "unavailable (reference path)")

@@ -1,0 +1,55 @@
+// Shared helpers of kvtier's CPU kernels: dtype conversion, a vectorizable exp, ISA clones.
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KV_CLONES
+#endif
+
+namespace kvtier {
+
+inline float to_f(float x) { return x; }
+inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float to_f(c10::Half x) { return static_cast<float>(x); }
+template <typename T> inline T from_f(float x) { return static_cast<T>(x); }
+
+// exp(x), branch-free so loops over it vectorize (libm's expf does not).
+// Cody-Waite range reduction and a degree-6 polynomial: relative error < 2e-7.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Call f(T{}) with T the C++ type of a float32 / bfloat16 / float16 tensor.
+template <typename F>
+void dispatch(torch::ScalarType t, F&& f) {
+  if (t == torch::kFloat) f(float{});
+  else if (t == torch::kBFloat16) f(c10::BFloat16{});
+  else if (t == torch::kHalf) f(c10::Half{});
+  else TORCH_CHECK(false, "unsupported dtype ", t);
+}
+
+}  // namespace kvtier
