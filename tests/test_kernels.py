@@ -48,7 +48,7 @@ def test_paged_decode_attention(batch, ctx, hq, hkv, d, bs, dtype, tol, segments
     out, lse = fast.paged_decode_attention(q, k, v, tables, lens, d**-0.5, segments)
     assert out.dtype == dtype and lse.shape == (batch, hq)
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
-    torch_ref = attention.paged_decode_attention_reference(q, k, v, DecodePlan(tables, lens), d**-0.5)
+    torch_ref, _ = attention.paged_decode_attention_reference(q, k, v, DecodePlan(tables, lens), d**-0.5)
     torch.testing.assert_close(torch_ref.double(), ref, atol=tol, rtol=tol)
 
 
@@ -91,3 +91,35 @@ def test_gemv(n, k):
     x, w, b = torch.randn(1, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
     torch.testing.assert_close(fast.gemv(x, w, None), x @ w.T, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fast.gemv(x, w, b), x @ w.T + b, atol=1e-4, rtol=1e-4)
+
+
+def test_float16_widening_covers_subnormals_inf_and_nan():
+    special = torch.tensor([0.0, -0.0, 6e-8, -6e-8, 1e-5, 65504.0, float("inf"), float("-inf")] * 8,
+                           dtype=torch.float16)
+    x = torch.cat([special, torch.randn(2048 - special.numel()).half()])
+    k = x.view(-1, 1, 16, 64)  # blocks of one head, 16 tokens, head_dim 64
+    ones = torch.ones_like(k)
+    q = torch.zeros(k.shape[0], 1, 64, dtype=torch.float16)
+    tables = torch.arange(k.shape[0]).view(-1, 1)
+    ctx = torch.full((k.shape[0],), 16)
+    # uniform attention over 16 ones-rows of V returns 1; over rows of x, their column means
+    out, _ = fast.paged_decode_attention(q, ones, k, tables, ctx, 1.0, 1)
+    expect = k.float().mean(dim=2)[:, 0]
+    torch.testing.assert_close(out[:, 0].float(), expect.half().float(), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_combines_attention_over_split_blocks(dtype, kernel_path):
+    """Attention over blocks split between two caches (memory tiers) merges to the full result."""
+    q, k, v, tables, ctx = paged_case(4, 200, 8, 2, 64, 16, dtype, seed=3)
+    full = attention.paged_decode_attention(q, k, v, DecodePlan(tables, ctx), 0.125)
+    cut = 5  # the first 5 blocks of every sequence live in tier A, the rest in tier B
+    ctx_a = ctx.clamp(max=cut * 16)
+    ctx_b = ctx - ctx_a
+    tables_b = tables[:, cut:] if tables.shape[1] > cut else tables[:, :1]
+    assert bool((ctx_b == 0).any()) and bool((ctx_b > 0).any()), "some sequences must lie in tier A only"
+    part_a = attention.paged_decode_attention(q, k, v, DecodePlan(tables[:, :cut], ctx_a), 0.125, True)
+    part_b = attention.paged_decode_attention(q, k.clone(), v.clone(), DecodePlan(tables_b, ctx_b), 0.125, True)
+    merged, _ = attention.merge_attention([part_a, part_b])
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(merged.float(), full.float(), atol=tol, rtol=tol)

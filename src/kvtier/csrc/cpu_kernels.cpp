@@ -7,6 +7,11 @@
 // Cache layout (one layer): k_cache, v_cache: [num_blocks, Hkv, block_size, D].
 
 #include "common.h"
+#include "vec.h"
+
+#ifndef KV_PREFETCH_AHEAD
+#define KV_PREFETCH_AHEAD 2
+#endif
 
 namespace {
 
@@ -28,6 +33,7 @@ struct DecodeArgs {
 constexpr int kMaxG = 16;   // query heads per KV head handled in one pass
 constexpr int kMaxD = 256;
 constexpr int kMaxBS = 64;
+constexpr int64_t kAhead = KV_PREFETCH_AHEAD;  // blocks prefetched ahead of the one being read
 
 // One (sequence, KV head, segment): online softmax over the segment's blocks.
 template <typename T>
@@ -103,6 +109,121 @@ KV_CLONES void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) 
   }
 }
 
+// A block's rows as float32: the cache itself for float32, else widened into scratch (in the
+// deinterleaved order of Rows<T>).
+template <typename T, int NV>
+inline const float* widen_rows(const T* rows, int64_t n, float* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return rows;
+  } else {
+    constexpr int D = 8 * NV;
+    for (int64_t t = 0; t < n; ++t) {
+      v8f r[NV];
+      Rows<T>::template load<NV>(rows + t * D, r);
+      for (int v = 0; v < NV; ++v) store8(scratch + t * D + 8 * v, r[v]);
+    }
+    return scratch;
+  }
+}
+
+// The same computation with head_dim = 8 * NV known at compile time: rows are NV vectors, scores
+// of eight tokens come out of one reduce8, and the output accumulators stay in registers while a
+// block's V rows stream past. For 16-bit rows, q arrives and the output leaves in the
+// deinterleaved order of Rows<T> (the caller permutes them).
+template <typename T, int NV>
+KV_CLONES void decode_vec(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
+  constexpr int D = 8 * NV;
+  const int64_t G = a.G, bs = a.bs;
+  const int64_t ctx = a.ctx[b];
+  const int64_t nblocks = (ctx + bs - 1) / bs;
+  const int64_t j0 = s * a.seg_blocks, j1 = std::min(nblocks, j0 + a.seg_blocks);
+  v8f acc[kMaxG][NV];
+  float m[kMaxG], l[kMaxG];
+  alignas(32) float sc[kMaxG][kMaxBS + 8];
+  alignas(32) float kscratch[std::is_same_v<T, float> ? 1 : kMaxBS * D];
+  alignas(32) float vscratch[std::is_same_v<T, float> ? 1 : kMaxBS * D];
+  for (int64_t g = 0; g < G; ++g) {
+    m[g] = -std::numeric_limits<float>::infinity();
+    l[g] = 0.f;
+    for (int v = 0; v < NV; ++v) acc[g][v] = splat8(0.f);
+  }
+  const float* q = a.q + (b * a.Hkv + h) * G * D;
+  const T* kbase = static_cast<const T*>(a.k);
+  const T* vbase = static_cast<const T*>(a.v);
+  constexpr int64_t line = 64 / sizeof(T);
+  for (int64_t j = j0; j < std::min(j1, j0 + kAhead); ++j) {  // warm up the prefetch window
+    const int64_t first = (a.tables[b * a.W + j] * a.Hkv + h) * bs * D;
+    for (int64_t e = 0; e < bs * D; e += line) {
+      __builtin_prefetch(kbase + first + e);
+      __builtin_prefetch(vbase + first + e);
+    }
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t blk = a.tables[b * a.W + j];
+    const int64_t n = std::min(bs, ctx - j * bs);
+    const T* kb = kbase + (blk * a.Hkv + h) * bs * D;
+    const T* vb = vbase + (blk * a.Hkv + h) * bs * D;
+    if (j + kAhead < j1) {  // blocks are scattered pages: fetch one a few blocks ahead
+      const int64_t next = (a.tables[b * a.W + j + kAhead] * a.Hkv + h) * bs * D;
+      for (int64_t e = 0; e < bs * D; e += line) {
+        __builtin_prefetch(kbase + next + e);
+        __builtin_prefetch(vbase + next + e);
+      }
+    }
+    const float* kf = widen_rows<T, NV>(kb, n, kscratch);  // 16-bit blocks: widened once for all G heads
+    const float* vf = widen_rows<T, NV>(vb, n, vscratch);
+    for (int64_t g = 0; g < G; ++g) {  // scores, eight tokens at a time
+      const float* qg = q + g * D;
+      for (int64_t t0 = 0; t0 < n; t0 += 8) {
+        v8f d[8];
+        for (int u = 0; u < 8; ++u) {
+          d[u] = splat8(0.f);
+          if (t0 + u < n) {
+            const float* kt = kf + (t0 + u) * D;
+            for (int v = 0; v < NV; ++v) d[u] += load8(qg + 8 * v) * load8(kt + 8 * v);
+          }
+        }
+        store8(sc[g] + t0, reduce8(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]));
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {  // online softmax, then P.V with the accumulators in registers
+      float mx = m[g];
+      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sc[g][t]);
+      const float alpha = fast_exp(m[g] - mx);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < n; ++t) {
+        sc[g][t] = fast_exp(sc[g][t] - mx);
+        sum += sc[g][t];
+      }
+      l[g] = l[g] * alpha + sum;
+      m[g] = mx;
+      v8f o[NV];
+      for (int v = 0; v < NV; ++v) o[v] = acc[g][v] * alpha;
+      for (int64_t t = 0; t < n; ++t) {
+        const v8f p = splat8(sc[g][t]);
+        const float* vt = vf + t * D;
+        for (int v = 0; v < NV; ++v) o[v] += p * load8(vt + 8 * v);
+      }
+      for (int v = 0; v < NV; ++v) acc[g][v] = o[v];
+    }
+  }
+  const int64_t base = ((b * a.Hkv + h) * a.S + s) * G;
+  for (int64_t g = 0; g < G; ++g) {
+    float* out = a.out + (base + g) * D;
+    const v8f inv = splat8(l[g] > 0.f ? 1.f / l[g] : 0.f);
+    for (int v = 0; v < NV; ++v) store8(out + 8 * v, acc[g][v] * inv);
+    a.lse[base + g] = l[g] > 0.f ? m[g] + std::log(l[g]) : -std::numeric_limits<float>::infinity();
+  }
+}
+
+template <typename T>
+void decode_item(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
+  if (a.D == 64) decode_vec<T, 8>(a, b, h, s);
+  else if (a.D == 128) decode_vec<T, 16>(a, b, h, s);
+  else decode_one<T>(a, b, h, s);
+}
+
 // Merge S partial results per (b, h, g) by their log-sum-exp weights.
 void merge_segments(const float* part, const float* plse, int64_t B, int64_t Hkv, int64_t S, int64_t G,
                     int64_t D, float* out, float* lse_out) {
@@ -127,6 +248,19 @@ void merge_segments(const float* part, const float* plse, int64_t B, int64_t Hkv
       if (lse_out) lse_out[i] = total > 0.f ? mx + std::log(total) : -std::numeric_limits<float>::infinity();
     }
   });
+}
+
+// [..., D] <-> per 16 elements, the evens then the odds (the order Rows<16-bit T> reads rows in).
+torch::Tensor deinterleave16(const torch::Tensor& x) {
+  auto sizes = x.sizes().vec();
+  const int64_t D = sizes.back();
+  return x.view({-1, D / 16, 8, 2}).transpose(-1, -2).contiguous().view(sizes);
+}
+
+torch::Tensor reinterleave16(const torch::Tensor& x) {
+  auto sizes = x.sizes().vec();
+  const int64_t D = sizes.back();
+  return x.view({-1, D / 16, 2, 8}).transpose(-1, -2).contiguous().view(sizes);
 }
 
 int64_t choose_segments(int64_t B, int64_t Hkv, int64_t max_blocks) {
@@ -158,7 +292,9 @@ std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor
   const int64_t W = tables_c.size(1);
   const int64_t S = num_segments > 0 ? num_segments : choose_segments(B, Hkv, W);
   const int64_t seg_blocks = (W + S - 1) / S;
+  const bool permute = k_cache.scalar_type() != torch::kFloat && (D == 64 || D == 128);  // see Rows<T>
   auto qf = (q.to(torch::kFloat) * scale).contiguous();
+  if (permute) qf = deinterleave16(qf);
   auto opts = q.options().dtype(torch::kFloat);
   auto part = torch::empty({B, Hkv, S, G, D}, opts);
   auto plse = torch::empty({B, Hkv, S, G}, opts);
@@ -169,18 +305,22 @@ std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor
   at::parallel_for(0, B * Hkv * S, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / (Hkv * S), h = (i / S) % Hkv, s = i % S;
-      if (dtype == torch::kFloat) decode_one<float>(a, b, h, s);
-      else if (dtype == torch::kBFloat16) decode_one<c10::BFloat16>(a, b, h, s);
-      else decode_one<c10::Half>(a, b, h, s);
+      if (dtype == torch::kFloat) decode_item<float>(a, b, h, s);
+      else if (dtype == torch::kBFloat16) decode_item<c10::BFloat16>(a, b, h, s);
+      else decode_item<c10::Half>(a, b, h, s);
     }
   });
+  torch::Tensor out, lse;
   if (S == 1) {
-    return {part.view({B, Hq, D}).to(q.scalar_type()), plse.view({B, Hq})};
+    out = part.view({B, Hq, D});
+    lse = plse.view({B, Hq});
+  } else {
+    out = torch::empty({B, Hq, D}, opts);
+    lse = torch::empty({B, Hq}, opts);
+    merge_segments(part.data_ptr<float>(), plse.data_ptr<float>(), B, Hkv, S, G, D, out.data_ptr<float>(),
+                   lse.data_ptr<float>());
   }
-  auto out = torch::empty({B, Hq, D}, opts);
-  auto lse = torch::empty({B, Hq}, opts);
-  merge_segments(part.data_ptr<float>(), plse.data_ptr<float>(), B, Hkv, S, G, D, out.data_ptr<float>(),
-                 lse.data_ptr<float>());
+  if (permute) out = reinterleave16(out);
   return {out.to(q.scalar_type()), lse};
 }
 

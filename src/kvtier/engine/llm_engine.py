@@ -154,7 +154,9 @@ class LLMEngine:
         return ids
 
     def add_request(self, request_id: str | None, prompt: str | None, params,
-                    prompt_token_ids: list[int] | None = None) -> str:
+                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> str:
+        """Queue a request (validated first); ``arrival_time`` (time.perf_counter()) defaults to now,
+        a server passes when the HTTP request arrived so TTFT counts its wait."""
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
@@ -164,6 +166,8 @@ class LLMEngine:
         seqs, detoks, gens = [], [], []
         for i in range(params.n):
             seq = Sequence(next(self._ids), request_id, ids, params, max_tokens, index=i)
+            if arrival_time is not None:
+                seq.stats.arrival = arrival_time
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
                           if self.tokenizer is not None else None)

@@ -13,7 +13,9 @@ import sys
 
 import click
 
+from kvtier.entrypoints.bench_serve import bench
 from kvtier.entrypoints.options import engine_config, engine_kwargs, engine_options
+from kvtier.entrypoints.serve import serve
 from kvtier.errors import ConfigError, KvtierError
 from kvtier.utils.units import format_bytes
 
@@ -220,6 +222,8 @@ def compare(policies, max_tokens, as_json, **kw):
 
 # ---- commands defined in their own modules ----------------------------------------------------
 # (one line each: cli.add_command(module.command))
+cli.add_command(serve)
+cli.add_command(bench)
 
 
 # ---- entry point ------------------------------------------------------------------------------

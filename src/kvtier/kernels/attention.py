@@ -73,14 +73,21 @@ def paged_decode_attention(
     v_cache: torch.Tensor,  # [NB, Hkv, bs, D]
     plan: DecodePlan,
     scale: float,
-) -> torch.Tensor:  # [B, Hq, D]
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # out [B, Hq, D] (, lse [B, Hq] float32)
+    """Softmax attention of each query over its sequence's cached keys; with ``return_lse`` also the
+    log-sum-exp of the scores, so partial results over disjoint key sets merge exactly
+    (``merge_attention``): blocks in different memory tiers, or on different devices."""
     fast = _fast(q)
     if fast is not None:
-        return fast.paged_decode_attention(q, k_cache, v_cache, plan.block_tables, plan.context_lens, scale, 0)[0]
-    return paged_decode_attention_reference(q, k_cache, v_cache, plan, scale)
+        out, lse = fast.paged_decode_attention(q, k_cache, v_cache, plan.block_tables, plan.context_lens, scale, 0)
+    else:
+        out, lse = paged_decode_attention_reference(q, k_cache, v_cache, plan, scale)
+    return (out, lse) if return_lse else out
 
 
-def paged_decode_attention_reference(q, k_cache, v_cache, plan: DecodePlan, scale: float) -> torch.Tensor:
+def paged_decode_attention_reference(q, k_cache, v_cache, plan: DecodePlan, scale: float
+                                     ) -> tuple[torch.Tensor, torch.Tensor]:
     b, hq, d = q.shape
     nb, hkv, bs, _ = k_cache.shape
     gather, invalid = plan.reference_index(hkv, bs)
@@ -90,8 +97,22 @@ def paged_decode_attention_reference(q, k_cache, v_cache, plan: DecodePlan, scal
     qg = q.reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
     s = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)  # [B, Hkv, G, T]
     s.masked_fill_(invalid, float("-inf"))
+    lse = torch.logsumexp(s.float(), dim=-1)  # [B, Hkv, G]
     p = torch.softmax(s, dim=-1)
-    return torch.matmul(p, v).view(b, hq, d)
+    return torch.matmul(p, v).view(b, hq, d), lse.view(b, hq)
+
+
+def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention computed over disjoint key sets: parts of (out [..., D], lse [...]).
+
+    out = sum_i w_i out_i with w_i = exp(lse_i - lse), lse = log sum_i exp(lse_i). A part with no
+    keys has lse = -inf and weight zero.
+    """
+    lses = torch.stack([lse.float() for _, lse in parts])  # [P, ...]
+    total = torch.logsumexp(lses, dim=0)  # [...]
+    w = torch.exp(lses - total).nan_to_num_(0.0).unsqueeze(-1)  # [P, ..., 1]; NaN where no part has keys
+    out = sum(torch.where(w[i] > 0, w[i] * o.float(), 0.0) for i, (o, _) in enumerate(parts))
+    return out.to(parts[0][0].dtype), total
 
 
 def gather_sequence(

@@ -2,11 +2,11 @@
 
 Block ids are plain ints; what a block holds lives in ``KVStorage``. A block is free exactly when
 its reference count is zero. Sharing a block (prefix reuse, parallel sampling) raises its count.
+Free blocks are reused last-in first-out: a long-running server keeps touching the same, cache-warm
+blocks instead of slowly committing its whole (lazily allocated) pool.
 """
 
 from __future__ import annotations
-
-from collections import deque
 
 
 class BlockPool:
@@ -14,7 +14,7 @@ class BlockPool:
         assert num_blocks > 0
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: block 0 comes out first
 
     @property
     def num_free(self) -> int:
@@ -27,7 +27,7 @@ class BlockPool:
     def allocate(self, n: int) -> list[int]:
         """Take ``n`` free blocks (ref count 1 each); the caller checked ``num_free``."""
         assert 0 <= n <= len(self._free), f"asked for {n} blocks, {len(self._free)} free"
-        ids = [self._free.popleft() for _ in range(n)]
+        ids = [self._free.pop() for _ in range(n)]
         for b in ids:
             assert self.ref_counts[b] == 0
             self.ref_counts[b] = 1

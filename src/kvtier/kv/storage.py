@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.utils.memory import empty_hugepage
+
 
 @dataclass(frozen=True, slots=True)
 class KVLayout:
@@ -39,8 +41,9 @@ class KVStorage:
         self.num_blocks = num_blocks
         self.tier = tier
         shape = (layout.num_layers, 2, num_blocks, layout.num_kv_heads, layout.block_size, layout.head_dim)
-        # empty, not zeros: pages are committed as blocks are used; new blocks are zeroed on allocation
-        self.kv = torch.empty(shape, dtype=layout.dtype, device=device)
+        # empty, not zeros: pages are committed as blocks are used (huge pages where the OS offers
+        # them: blocks are read scattered); new blocks are zeroed on allocation
+        self.kv = empty_hugepage(shape, layout.dtype, device)
 
     @property
     def nbytes(self) -> int:

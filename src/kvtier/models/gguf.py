@@ -23,6 +23,8 @@ from kvtier.utils.progress import progress_bar
 # GGUF architecture -> whether llama.cpp's converter permuted the rows of Q and K for its RoPE
 GGUF_ARCHS = {"llama": True, "mistral": True, "qwen2": False}
 SKIPPED_TENSORS = ("rope_freqs.weight",)  # llama-3 RoPE factors: recomputed from the config
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+CONVERSION_VERSION = 2  # bump when the converted folder changes: old cache entries are redone
 _NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -112,6 +114,7 @@ def _write_folder(path: Path, tmp: Path, tensors: dict) -> None:
         if hasattr(config, attr):
             delattr(config, attr)
     config.tie_word_embeddings = "lm_head.weight" not in tensors
+    config.architectures = [ARCHITECTURES[config.model_type]]  # so AutoModel / transformers serve load it
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": name})
@@ -121,7 +124,7 @@ def gguf_to_hf_folder(path: Path) -> Path:
     """Convert ``path`` once; return the cached HF folder."""
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist", "check the path")
-    target = cache_dir("models") / f"{path.stem}-{file_key(path)}"
+    target = cache_dir("models") / f"{path.stem}-{file_key(path)}-v{CONVERSION_VERSION}"
     if (target / "model.safetensors").is_file():
         return target
     reader = _reader(path)

@@ -1,0 +1,124 @@
+// Eight-float vectors with GCC vector extensions: the compiler emits AVX/AVX2 (ymm), or two SSE
+// halves in the baseline clone, from the same source. Loads widen bfloat16/float16 to float32.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace kvtier {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+
+inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline v8f load8(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
+  v8u16 h;
+  std::memcpy(&h, p, sizeof(h));
+  v8u w = __builtin_convertvector(h, v8u) << 16;
+  v8f v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+// float16 bits (zero-extended to 32) -> float32 in integer arithmetic (the compiler scalarizes
+// _Float16 vectors): shift exponent and mantissa into place and rescale by 2^112, which also handles
+// subnormals; inf/NaN keep an all-ones exponent.
+inline v8f half_bits_to_float(v8u w) {
+  const v8u mag = (w & 0x7fffu) << 13;
+  v8f f;
+  std::memcpy(&f, &mag, sizeof(f));
+  f *= splat8(0x1p112f);
+  v8u bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  const v8u special = (v8u)((w & 0x7c00u) == 0x7c00u);  // all ones where the exponent is 31
+  bits = (bits & ~special) | (special & (mag | 0x7f800000u));
+  bits |= (w & 0x8000u) << 16;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline v8f load8(const c10::Half* p) {
+  v8u16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return half_bits_to_float(__builtin_convertvector(h, v8u));
+}
+
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Sixteen 16-bit floats as two float vectors, the even- and the odd-indexed elements: one 32-byte
+// load split by shifts and masks (widening them in order costs twice as many instructions).
+inline void load16_deinterleaved(const c10::BFloat16* p, v8f& even, v8f& odd) {
+  v8u w;
+  std::memcpy(&w, p, sizeof(w));
+  const v8u e = w << 16, o = w & 0xFFFF0000u;  // bfloat16 is the top half of a float32
+  std::memcpy(&even, &e, sizeof(even));
+  std::memcpy(&odd, &o, sizeof(odd));
+}
+
+inline void load16_deinterleaved(const c10::Half* p, v8f& even, v8f& odd) {
+  v8u w;
+  std::memcpy(&w, p, sizeof(w));
+  even = half_bits_to_float(w & 0xFFFFu);
+  odd = half_bits_to_float(w >> 16);
+}
+
+// A row of 8 * NV elements as NV float vectors. 16-bit rows come deinterleaved per 16 elements
+// (evens, then odds): a dot product or an axpy is unchanged if the other operand is permuted alike.
+template <typename T>
+struct Rows {
+  static constexpr bool kDeinterleaved = false;
+  template <int NV>
+  static void load(const T* p, v8f* r) {
+    for (int v = 0; v < NV; ++v) r[v] = load8(p + 8 * v);
+  }
+};
+
+template <typename H>
+struct Rows16 {
+  static constexpr bool kDeinterleaved = true;
+  template <int NV>
+  static void load(const H* p, v8f* r) {
+    static_assert(NV % 2 == 0, "16-bit rows are read 16 elements at a time");
+    for (int c = 0; c < NV / 2; ++c) load16_deinterleaved(p + 16 * c, r[2 * c], r[2 * c + 1]);
+  }
+};
+
+template <>
+struct Rows<c10::BFloat16> : Rows16<c10::BFloat16> {};
+
+template <>
+struct Rows<c10::Half> : Rows16<c10::Half> {};
+
+inline float hsum8(v8f a) {
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += a[i];
+  return s;
+}
+
+// r[i] = sum of the lanes of a_i: eight horizontal sums in seven shuffle-add rounds.
+inline v8f reduce8(v8f a0, v8f a1, v8f a2, v8f a3, v8f a4, v8f a5, v8f a6, v8f a7) {
+  const v8i ev = {0, 2, 8, 10, 4, 6, 12, 14}, od = {1, 3, 9, 11, 5, 7, 13, 15};
+  v8f t0 = __builtin_shuffle(a0, a1, ev) + __builtin_shuffle(a0, a1, od);
+  v8f t1 = __builtin_shuffle(a2, a3, ev) + __builtin_shuffle(a2, a3, od);
+  v8f t2 = __builtin_shuffle(a4, a5, ev) + __builtin_shuffle(a4, a5, od);
+  v8f t3 = __builtin_shuffle(a6, a7, ev) + __builtin_shuffle(a6, a7, od);
+  v8f u0 = __builtin_shuffle(t0, t1, ev) + __builtin_shuffle(t0, t1, od);
+  v8f u1 = __builtin_shuffle(t2, t3, ev) + __builtin_shuffle(t2, t3, od);
+  const v8i lo = {0, 1, 2, 3, 8, 9, 10, 11}, hi = {4, 5, 6, 7, 12, 13, 14, 15};
+  return __builtin_shuffle(u0, u1, lo) + __builtin_shuffle(u0, u1, hi);
+}
+
+}  // namespace kvtier
