@@ -79,7 +79,8 @@ KV_CLONES void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) 
     }
     for (int64_t g = 0; g < G; ++g) {
       float mx = m[g];
-      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sc[g][t]);
+#pragma omp simd reduction(max : mx)
+      for (int64_t t = 0; t < n; ++t) mx = mx > sc[g][t] ? mx : sc[g][t];  // std::max does not vectorize
       const float alpha = fast_exp(m[g] - mx);
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -188,7 +189,8 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) 
     }
     for (int64_t g = 0; g < G; ++g) {  // online softmax, then P.V with the accumulators in registers
       float mx = m[g];
-      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sc[g][t]);
+#pragma omp simd reduction(max : mx)
+      for (int64_t t = 0; t < n; ++t) mx = mx > sc[g][t] ? mx : sc[g][t];  // std::max does not vectorize
       const float alpha = fast_exp(m[g] - mx);
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)

@@ -56,9 +56,11 @@ class DecodePlan:
     context_lens: torch.Tensor  # [B] int64, tokens to attend to, the new one included
     gather: torch.Tensor | None = None  # reference path: [B, Hkv, W] rows of the cache as [NB * Hkv, bs, D]
     invalid: torch.Tensor | None = None  # reference path: [B, 1, 1, W * bs] True past each context
+    index_shape: tuple[int, int] | None = None  # (Hkv, bs) the two index tensors were built for
 
     def reference_index(self, num_kv_heads: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.gather is None:
+        if self.index_shape != (num_kv_heads, block_size):
+            self.index_shape = (num_kv_heads, block_size)
             dev = self.block_tables.device
             heads = torch.arange(num_kv_heads, device=dev)
             self.gather = self.block_tables[:, None, :] * num_kv_heads + heads[None, :, None]

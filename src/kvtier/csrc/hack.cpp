@@ -1,0 +1,814 @@
+// kvtier HACK kernels (arXiv 2502.03589): write K/V as 2/4/8-bit codes, decode attention on the codes.
+//
+// Layout, packing and arithmetic are those of kernels/hack.py (see its docstring); quantization is
+// bit-identical to the reference (same IEEE operations, round half to even). Decode attention is
+// flash-decoding style: per (sequence, KV head, segment of blocks) one pass over the blocks with an
+// online softmax; per block of pi tokens Q.K^T and P.V are integer dot products of 8-bit Q / P codes
+// with the unpacked K / V codes, finished by the four-term formula; segments merge by log-sum-exp.
+//
+// Instruction sets: the integer dot products (codes unpacked in registers, maddubs), the float16 meta
+// conversions and the per-block softmax with P's quantization have an AVX2 version, chosen at run time
+// when the CPU has AVX2+FMA+F16C (set_isa forces one, for tests), and a portable one; the remaining float
+// loops use KV_CLONES. AVX-512 machines run the AVX2 version. No dequantized K or V is ever formed.
+
+#include "common.h"
+
+#include <string>
+#include <unordered_map>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define KV_X86 1
+#endif
+
+namespace {
+
+using namespace kvtier;
+
+constexpr int kMaxG = 16;
+constexpr int kMaxD = 256;
+constexpr int kMaxPi = 128;
+constexpr int64_t kPrepared = int64_t(kMaxG) * kMaxPi / 2 * 32;  // G x n/2 broadcast pairs of 32 bytes
+
+// ---- quantization, bit-identical to hack.quantize --------------------------------------------------
+
+struct QParams {
+  float scale, minimum;
+  int32_t sum;
+};
+
+inline float half_round(float x) { return static_cast<float>(c10::Half(x)); }
+
+// codes of x[0..n); scale and minimum rounded to float16 first when HalfMeta (stored K/V meta)
+template <bool HalfMeta>
+QParams quantize_row(const float* x, int64_t n, int qmax, uint8_t* codes) {
+  float mn = x[0], mx = x[0];
+#pragma omp simd reduction(min : mn) reduction(max : mx)
+  for (int64_t i = 1; i < n; ++i) {
+    mn = mn < x[i] ? mn : x[i];
+    mx = mx > x[i] ? mx : x[i];
+  }
+  float s = (mx - mn) / static_cast<float>(qmax);
+  if (HalfMeta) {
+    s = half_round(s);
+    mn = half_round(mn);
+  }
+  const float div = s > 0.f ? s : 1.f;
+  const float top = static_cast<float>(qmax);
+  int32_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float c = std::min(std::max(std::nearbyint((x[i] - mn) / div), 0.f), top);
+    codes[i] = static_cast<uint8_t>(c);
+    sum += codes[i];
+  }
+  return {s, mn, sum};
+}
+
+// Pair-vertical layout (kernels/hack.py): a matrix of rows x n codes is, per group of 16 rows, a run of
+// 32-byte chunks; chunk k holds in byte 2 r + e the codes of row r at 2 (c k + s) + e, slot s = bits
+// [s * bits, (s + 1) * bits), c = 8 / bits. Writes row r's n codes into the matrix at m.
+void pack_row(const uint8_t* codes, int64_t n, int bits, int64_t r, uint8_t* m) {
+  const int64_t c = 8 / bits, chunks = n / (2 * c);
+  uint8_t* group = m + (r / 16) * chunks * 32 + 2 * (r % 16);
+  for (int64_t k = 0; k < chunks; ++k)
+    for (int64_t e = 0; e < 2; ++e) {
+      int byte = 0;
+      for (int64_t s = 0; s < c; ++s) byte |= codes[2 * (c * k + s) + e] << (s * bits);
+      group[k * 32 + e] = static_cast<uint8_t>(byte);
+    }
+}
+
+// ---- instruction-set specific pieces ----------------------------------------------------------------
+
+// G rows of n 8-bit a-codes (Q or P) -> the form DotFn takes (at most kPrepared bytes)
+using PrepareFn = void (*)(const uint8_t* a, int64_t G, int64_t n, int bits, void* prepared);
+// out[g * out_stride + r] = sum_j a[g][j] * code(r, j) over the rows x n matrix m (pair-vertical, rows % 16 == 0)
+using DotFn = void (*)(const uint8_t* m, int64_t rows, int64_t n, int bits, const void* prepared, int64_t G,
+                       int32_t* out, int64_t out_stride);
+// float16 scale, float16 minimum and int16 sum of n groups -> float
+using MetaFn = void (*)(const c10::Half* scale, const c10::Half* mn, const int16_t* sum, int64_t n, float* fs, float* fm,
+                        float* fsum);
+// one head's block: e = exp(sc - m_new) in place over n of the pi scores (the others are -inf), m and l updated,
+// returns the rescale of the old state; with `codes`, also e's 8-bit codes over the pi values into codes / qp
+using SoftmaxFn = float (*)(float* sc, int64_t n, int64_t pi, float& m, float& l, uint8_t* codes, QParams* qp);
+
+void prepare_generic(const uint8_t* a, int64_t G, int64_t n, int, void* prepared) {
+  std::memcpy(prepared, a, G * n);
+}
+
+KV_CLONES void dot_generic(const uint8_t* m, int64_t rows, int64_t n, int bits, const void* prepared, int64_t G,
+                           int32_t* out, int64_t out_stride) {
+  const uint8_t* a = static_cast<const uint8_t*>(prepared);
+  const int64_t c = 8 / bits, chunks = n / (2 * c);
+  const int mask = (1 << bits) - 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* group = m + (r / 16) * chunks * 32 + 2 * (r % 16);
+    uint8_t row[kMaxPi];  // n == pi
+    for (int64_t k = 0; k < chunks; ++k)
+      for (int64_t e = 0; e < 2; ++e)
+        for (int64_t s = 0; s < c; ++s) row[2 * (c * k + s) + e] = (group[k * 32 + e] >> (s * bits)) & mask;
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t acc = 0;
+      for (int64_t j = 0; j < n; ++j) acc += static_cast<int32_t>(a[g * n + j]) * row[j];
+      out[g * out_stride + r] = acc;
+    }
+  }
+}
+
+KV_CLONES void meta_generic(const c10::Half* scale, const c10::Half* mn, const int16_t* sum, int64_t n, float* fs,
+                           float* fm, float* fsum) {
+  for (int64_t i = 0; i < n; ++i) {
+    fs[i] = static_cast<float>(scale[i]);
+    fm[i] = static_cast<float>(mn[i]);
+    fsum[i] = static_cast<float>(sum[i]);
+  }
+}
+
+KV_CLONES float softmax_generic(float* sc, int64_t n, int64_t pi, float& m, float& l, uint8_t* codes, QParams* qp) {
+  float mx = m;
+  for (int64_t t = 0; t < n; ++t) mx = mx > sc[t] ? mx : sc[t];
+  const float alpha = fast_exp(m - mx);
+  float sum = 0.f;
+  for (int64_t t = 0; t < pi; ++t) {
+    sc[t] = t < n ? fast_exp(sc[t] - mx) : 0.f;
+    sum += sc[t];
+  }
+  l = l * alpha + sum;
+  m = mx;
+  if (codes) {
+    float lo = sc[0], hi = sc[0];
+    for (int64_t t = 1; t < pi; ++t) {
+      lo = lo < sc[t] ? lo : sc[t];
+      hi = hi > sc[t] ? hi : sc[t];
+    }
+    const float s = (hi - lo) / 255.f, inv = s > 0.f ? 1.f / s : 0.f;
+    int32_t csum = 0;
+    for (int64_t t = 0; t < pi; ++t) {
+      codes[t] = static_cast<uint8_t>(std::min(std::nearbyint((sc[t] - lo) * inv), 255.f));
+      csum += codes[t];
+    }
+    *qp = {s, lo, csum};
+  }
+  return alpha;
+}
+
+#ifdef KV_X86
+#define KV_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// (a[2j], a[2j+1]) broadcast to every 16-bit lane (2/4-bit codes: bytes for maddubs) or 32-bit lane
+// (8-bit codes: int16 pairs for madd), per a-row g and pair j: prepared[g * n / 2 + j]
+KV_AVX2 void prepare_avx2(const uint8_t* a, int64_t G, int64_t n, int bits, void* prepared) {
+  __m256i* ab = static_cast<__m256i*>(prepared);
+  if (bits == 8) {
+    for (int64_t i = 0; i < G * n / 2; ++i) ab[i] = _mm256_set1_epi32(a[2 * i] | a[2 * i + 1] << 16);
+    return;
+  }
+  for (int64_t i = 0; i < G * n / 2; ++i) {  // the byte pair as one little-endian int16: vpbroadcastw
+    int16_t pair;
+    std::memcpy(&pair, a + 2 * i, 2);
+    ab[i] = _mm256_set1_epi16(pair);
+  }
+}
+
+// 2/4-bit, n = N: per group of 16 rows the N/2 pair vectors are unpacked once (a shift and a mask), then
+// per a-row one maddubs per pair (16 rows x 2 positions), summed in int16 and widened every F pairs
+template <int Bits, int N>
+KV_AVX2 void dot_narrow_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, int64_t G, int32_t* out,
+                             int64_t out_stride) {
+  constexpr int c = 8 / Bits, chunks = N / (2 * c), half = N / 2;
+  constexpr int F = std::min(half, Bits == 2 ? 16 : 4);  // 2 * 255 * (2^Bits - 1) * F < 2^15; divides half
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << Bits) - 1));
+  for (int64_t rg = 0; rg < rows / 16; ++rg) {
+    __m256i u[half];
+    for (int k = 0; k < chunks; ++k) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + (rg * chunks + k) * 32));
+      for (int s = 0; s < c; ++s) u[c * k + s] = _mm256_and_si256(_mm256_srli_epi16(x, s * Bits), mask);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256i* abg = ab + g * half;
+      __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+      for (int j0 = 0; j0 < half; j0 += F) {
+        __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();  // two chains
+        for (int j = 0; j < F; j += 2) {
+          acc0 = _mm256_add_epi16(acc0, _mm256_maddubs_epi16(abg[j0 + j], u[j0 + j]));
+          acc1 = _mm256_add_epi16(acc1, _mm256_maddubs_epi16(abg[j0 + j + 1], u[j0 + j + 1]));
+        }
+        const __m256i acc = _mm256_add_epi16(acc0, acc1);
+        lo = _mm256_add_epi32(lo, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc)));
+        hi = _mm256_add_epi32(hi, _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc, 1)));
+      }
+      int32_t* o = out + g * out_stride + rg * 16;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), lo);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 8), hi);
+    }
+  }
+}
+
+// the same with G a-rows known at compile time: each unpacked pair vector, kept in a register, feeds
+// all G accumulators (one load of the codes per chunk instead of one per pair and a-row)
+template <int Bits, int N, int G>
+KV_AVX2 void dot_narrow_g_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, int32_t* out, int64_t out_stride) {
+  constexpr int c = 8 / Bits, half = N / 2, F = std::min(half, Bits == 2 ? 16 : 4);
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << Bits) - 1));
+  for (int64_t rg = 0; rg < rows / 16; ++rg) {
+    __m256i lo[G], hi[G];
+    for (int g = 0; g < G; ++g) lo[g] = hi[g] = _mm256_setzero_si256();
+    for (int j0 = 0; j0 < half; j0 += F) {
+      __m256i acc[G];
+      for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_si256();
+      for (int k = j0 / c; k < (j0 + F) / c; ++k) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + (rg * (N / (2 * c)) + k) * 32));
+        for (int s = 0; s < c; ++s) {
+          const __m256i u = _mm256_and_si256(_mm256_srli_epi16(x, s * Bits), mask);
+          for (int g = 0; g < G; ++g) acc[g] = _mm256_add_epi16(acc[g], _mm256_maddubs_epi16(ab[g * half + c * k + s], u));
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        lo[g] = _mm256_add_epi32(lo[g], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[g])));
+        hi[g] = _mm256_add_epi32(hi[g], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[g], 1)));
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * out_stride + rg * 16), lo[g]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * out_stride + rg * 16 + 8), hi[g]);
+    }
+  }
+}
+
+template <int Bits, int N>
+KV_AVX2 void dot_narrow_any_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, int64_t G, int32_t* out,
+                                 int64_t out_stride) {
+  switch (G) {
+    case 1: return dot_narrow_g_avx2<Bits, N, 1>(m, rows, ab, out, out_stride);
+    case 2: return dot_narrow_g_avx2<Bits, N, 2>(m, rows, ab, out, out_stride);
+    case 3: return dot_narrow_g_avx2<Bits, N, 3>(m, rows, ab, out, out_stride);
+    case 4: return dot_narrow_g_avx2<Bits, N, 4>(m, rows, ab, out, out_stride);
+    case 6: return dot_narrow_g_avx2<Bits, N, 6>(m, rows, ab, out, out_stride);
+    case 8: return dot_narrow_g_avx2<Bits, N, 8>(m, rows, ab, out, out_stride);
+    default: return dot_narrow_avx2<Bits, N>(m, rows, ab, G, out, out_stride);
+  }
+}
+
+// 8-bit, n = N: codes widened to int16 once per group, then madd with the (a[2j], a[2j+1]) pairs into int32
+template <int N>
+KV_AVX2 void dot_wide_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, int64_t G, int32_t* out,
+                           int64_t out_stride) {
+  constexpr int half = N / 2;
+  for (int64_t rg = 0; rg < rows / 16; ++rg) {
+    __m256i w[N];  // per pair: rows 0-7, rows 8-15
+    for (int j = 0; j < half; ++j) {
+      const uint8_t* chunk = m + (rg * half + j) * 32;
+      w[2 * j] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk)));
+      w[2 * j + 1] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk + 16)));
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256i* abg = ab + g * half;
+      __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+      for (int j = 0; j < half; ++j) {
+        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(abg[j], w[2 * j]));
+        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(abg[j], w[2 * j + 1]));
+      }
+      int32_t* o = out + g * out_stride + rg * 16;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), lo);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 8), hi);
+    }
+  }
+}
+
+template <int N>
+KV_AVX2 void dot_n_avx2(const uint8_t* m, int64_t rows, int bits, const __m256i* ab, int64_t G, int32_t* out,
+                        int64_t out_stride) {
+  if (bits == 2) dot_narrow_any_avx2<2, N>(m, rows, ab, G, out, out_stride);
+  else if (bits == 4) dot_narrow_any_avx2<4, N>(m, rows, ab, G, out, out_stride);
+  else dot_wide_avx2<N>(m, rows, ab, G, out, out_stride);
+}
+
+KV_AVX2 void dot_avx2(const uint8_t* m, int64_t rows, int64_t n, int bits, const void* prepared, int64_t G,
+                      int32_t* out, int64_t out_stride) {
+  const __m256i* ab = static_cast<const __m256i*>(prepared);
+  switch (n) {
+    case 16: return dot_n_avx2<16>(m, rows, bits, ab, G, out, out_stride);
+    case 32: return dot_n_avx2<32>(m, rows, bits, ab, G, out, out_stride);
+    case 64: return dot_n_avx2<64>(m, rows, bits, ab, G, out, out_stride);
+    default: return dot_n_avx2<128>(m, rows, bits, ab, G, out, out_stride);
+  }
+}
+
+KV_AVX2 void meta_avx2(const c10::Half* scale, const c10::Half* mn, const int16_t* sum, int64_t n, float* fs, float* fm,
+                       float* fsum) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(fs + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + i))));
+    _mm256_storeu_ps(fm + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + i))));
+    const __m256i s32 = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sum + i)));
+    _mm256_storeu_ps(fsum + i, _mm256_cvtepi32_ps(s32));
+  }
+  for (; i < n; ++i) fs[i] = static_cast<float>(scale[i]), fm[i] = static_cast<float>(mn[i]), fsum[i] = sum[i];
+}
+
+// fast_exp of common.h on 8 lanes
+KV_AVX2 inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 shift = _mm256_set1_ps(12582912.f);
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shift), shift);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f),
+                                    _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x));
+  __m256 p = _mm256_set1_ps(1.f / 720.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+KV_AVX2 inline float hmax8(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+KV_AVX2 inline float hmin8(__m256 v) {
+  __m128 x = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_min_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_min_ss(x, _mm_movehdup_ps(x)));
+}
+
+KV_AVX2 inline float hadd8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+KV_AVX2 float softmax_avx2(float* sc, int64_t n, int64_t pi, float& m, float& l, uint8_t* codes, QParams* qp) {
+  if (pi % 16) return softmax_generic(sc, n, pi, m, l, codes, qp);
+  __m256 vmx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 vmn = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  for (int64_t t = 0; t < pi; t += 8) {  // scores past n are -inf
+    const __m256 x = _mm256_loadu_ps(sc + t);
+    vmx = _mm256_max_ps(vmx, x);
+    vmn = _mm256_min_ps(vmn, x);
+  }
+  const float block_max = hmax8(vmx), mx = std::max(m, block_max);
+  const float alpha = fast_exp(m - mx);
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 sum = _mm256_setzero_ps();
+  if (n == pi) {
+    for (int64_t t = 0; t < pi; t += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + t), vm));
+      _mm256_storeu_ps(sc + t, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+  } else {  // the open block: exp(-inf) must be 0, not fast_exp's floor
+    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t t = 0; t < pi; t += 8) {
+      const __m256 x = _mm256_loadu_ps(sc + t);
+      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(x, vm)), _mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ));
+      _mm256_storeu_ps(sc + t, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+  }
+  l = l * alpha + hadd8(sum);
+  m = mx;
+  if (!codes) return alpha;
+  // exp is monotonic: P's range from the scores' (codes clamp to [0, 255] should rounding disagree)
+  const __m256 ends = exp8(_mm256_sub_ps(_mm256_setr_ps(hmin8(vmn), block_max, 0, 0, 0, 0, 0, 0), vm));
+  alignas(32) float e2[8];
+  _mm256_store_ps(e2, ends);
+  const float emin = e2[0], s = (e2[1] - emin) / 255.f, inv = s > 0.f ? 1.f / s : 0.f;
+  const __m256 vlo = _mm256_set1_ps(emin), vinv = _mm256_set1_ps(inv);
+  __m256i csum = _mm256_setzero_si256();
+  for (int64_t t = 0; t < pi; t += 16) {  // pi % 16 == 0 for pi >= 16
+    const __m256 y0 = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + t), vlo), vinv);
+    const __m256 y1 = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + t + 8), vlo), vinv);
+    const __m256i c0 = _mm256_cvtps_epi32(y0), c1 = _mm256_cvtps_epi32(y1);  // round half to even
+    csum = _mm256_add_epi32(csum, _mm256_add_epi32(c0, c1));
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(c0, c1), 0xd8);  // 16 x int16 in order
+    const __m128i b = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + t), b);
+  }
+  __m128i c = _mm_add_epi32(_mm256_castsi256_si128(csum), _mm256_extracti128_si256(csum, 1));
+  c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0x4e));
+  c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0xb1));
+  *qp = {s, emin, _mm_cvtsi128_si32(c)};
+  return alpha;
+}
+#endif  // KV_X86
+
+struct Isa {
+  const char* name;
+  PrepareFn prepare;
+  DotFn dot;
+  MetaFn meta;
+  SoftmaxFn softmax;
+};
+
+const Isa kGeneric{"generic", prepare_generic, dot_generic, meta_generic, softmax_generic};
+#ifdef KV_X86
+const Isa kAvx2{"avx2", prepare_avx2, dot_avx2, meta_avx2, softmax_avx2};
+bool has_avx2() {
+  __builtin_cpu_init();
+#if defined(__clang__)  // every AVX2 CPU has F16C; clang may not know the "f16c" feature name
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+}
+#else
+bool has_avx2() { return false; }
+#endif
+
+Isa pick_isa(const std::string& name) {
+#ifdef KV_X86
+  if ((name == "auto" || name == "avx2") && has_avx2()) return kAvx2;
+#endif
+  TORCH_CHECK(name == "auto" || name == "generic", "instruction set '", name, "' is not available on this CPU");
+  return kGeneric;
+}
+
+Isa g_isa = pick_isa("auto");
+
+// ---- float loops of one block (vectorized by the compiler, one clone per instruction set) ----------
+
+// sc[t] (+)= ks[t] * (A * dot[t] + Bq * ksum[t]) + km[t] * C: one K partition's share of the scores
+KV_CLONES void k_epilogue(float* sc, const int32_t* dot, const float* ks, const float* km, const float* ksum,
+                          float A, float Bq, float C, int64_t n, bool first) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float v = ks[t] * (A * static_cast<float>(dot[t]) + Bq * ksum[t]) + km[t] * C;
+    sc[t] = first ? v : sc[t] + v;
+  }
+}
+
+KV_CLONES void scale_row(float* x, float a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= a;
+}
+
+// acc[d] += sP * (vs[d] * dv[d] + vm[d] * psum) + mP * (vs[d] * vsum[d] + pi * vm[d])
+KV_CLONES void v_epilogue(float* acc, const int32_t* dv, const float* vs, const float* vm, const float* vsum,
+                          float sP, float mP, float psum, float pi, int64_t D) {
+  for (int64_t d = 0; d < D; ++d)
+    acc[d] += sP * (vs[d] * static_cast<float>(dv[d]) + vm[d] * psum) + mP * (vs[d] * vsum[d] + pi * vm[d]);
+}
+
+template <typename T16>
+KV_CLONES void tail_accumulate(float* acc, const float* e, const T16* vt, int64_t n, int64_t D) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float p = e[t];
+    for (int64_t d = 0; d < D; ++d) acc[d] += p * to_f(vt[t * D + d]);
+  }
+}
+
+// ---- decode attention -------------------------------------------------------------------------------
+
+// One layer: per (block, KV head) bh a slab of `slab` bytes whose parts start at o[] (kernels/hack.py).
+struct Cache {
+  uint8_t* base;
+  void* v_tail;
+  int64_t slab, o[8];
+  uint8_t* at(int64_t bh, int part) const { return base + bh * slab + o[part]; }
+  uint8_t* k_codes(int64_t bh) const { return at(bh, 0); }
+  c10::Half* k_scale(int64_t bh) const { return reinterpret_cast<c10::Half*>(at(bh, 1)); }
+  c10::Half* k_min(int64_t bh) const { return reinterpret_cast<c10::Half*>(at(bh, 2)); }
+  int16_t* k_sum(int64_t bh) const { return reinterpret_cast<int16_t*>(at(bh, 3)); }
+  uint8_t* v_codes(int64_t bh) const { return at(bh, 4); }
+  c10::Half* v_scale(int64_t bh) const { return reinterpret_cast<c10::Half*>(at(bh, 5)); }
+  c10::Half* v_min(int64_t bh) const { return reinterpret_cast<c10::Half*>(at(bh, 6)); }
+  int16_t* v_sum(int64_t bh) const { return reinterpret_cast<int16_t*>(at(bh, 7)); }
+};
+
+struct DecodeArgs {
+  Cache c;
+  const uint8_t* qc;  // [B, Hq, D] 8-bit Q codes
+  const float* qp;    // [B, Hq, P, 3]: scale, minimum, code sum
+  const int64_t *tables, *ctx, *slots;
+  float* out;  // [B, Hkv, S, G, D]
+  float* lse;  // [B, Hkv, S, G]
+  int64_t Hkv, G, D, P, pi, bits, W, S, seg_blocks;
+};
+
+struct Scratch {
+  alignas(64) int32_t dot[kMaxG * kMaxD];
+  alignas(64) float sc[kMaxG][kMaxPi];
+  alignas(64) uint8_t pc[kMaxG * kMaxPi];                // P codes of a block, [G][pi]
+  alignas(64) uint8_t qprep[int64_t(kMaxG) * kMaxD / 2 * 32];  // Q prepared per partition: p * G * pi / 2 * 32
+  alignas(64) uint8_t pprep[kPrepared];                  // P prepared
+  alignas(64) float acc[kMaxG][kMaxD];
+  alignas(64) float f0[kMaxD], f1[kMaxD], f2[kMaxD];
+  float m[kMaxG], l[kMaxG];
+  QParams pq[kMaxG];
+};
+
+// scores of block `blk` (n valid tokens) into w.sc, -inf past n
+void block_scores(const DecodeArgs& a, Scratch& w, int64_t b, int64_t h, int64_t blk, int64_t n) {
+  const int64_t G = a.G, P = a.P, pi = a.pi, M = pi * pi * a.bits / 8;  // bytes of one partition's matrix
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t bh = blk * a.Hkv + h;
+    g_isa.dot(a.c.k_codes(bh) + p * M, pi, pi, static_cast<int>(a.bits), w.qprep + p * G * pi * 16, G, w.dot, pi);
+    g_isa.meta(a.c.k_scale(bh) + p * pi, a.c.k_min(bh) + p * pi, a.c.k_sum(bh) + p * pi, pi, w.f0, w.f1, w.f2);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qp = a.qp + (((b * a.Hkv + h) * G + g) * P + p) * 3;
+      const float C = qp[0] * qp[2] + static_cast<float>(pi) * qp[1];
+      k_epilogue(w.sc[g], w.dot + g * pi, w.f0, w.f1, w.f2, qp[0], qp[1], C, pi, p == 0);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t t = n; t < pi; ++t) w.sc[g][t] = -std::numeric_limits<float>::infinity();
+}
+
+// P.V of a full block from codes: w.pc holds P's 8-bit codes per head, w.pq their parameters
+void block_pv_codes(const DecodeArgs& a, Scratch& w, int64_t h, int64_t blk) {
+  const int64_t G = a.G, D = a.D, pi = a.pi, bh = blk * a.Hkv + h;
+  g_isa.prepare(w.pc, G, pi, static_cast<int>(a.bits), w.pprep);
+  g_isa.dot(a.c.v_codes(bh), D, pi, static_cast<int>(a.bits), w.pprep, G, w.dot, D);
+  g_isa.meta(a.c.v_scale(bh), a.c.v_min(bh), a.c.v_sum(bh), D, w.f0, w.f1, w.f2);
+  for (int64_t g = 0; g < G; ++g)
+    v_epilogue(w.acc[g], w.dot + g * D, w.f0, w.f1, w.f2, w.pq[g].scale, w.pq[g].minimum,
+               static_cast<float>(w.pq[g].sum), static_cast<float>(pi), D);
+}
+
+inline void prefetch_range(const void* p, int64_t bytes) {  // into L2: a block is used well after this
+  for (int64_t e = 0; e < bytes; e += 64) __builtin_prefetch(static_cast<const char*>(p) + e, 0, 2);
+}
+
+// blocks are scattered: fetch the next one's codes and meta while this one is computed
+void prefetch_block(const DecodeArgs& a, int64_t h, int64_t blk, bool full) {
+  prefetch_range(a.c.at(blk * a.Hkv + h, 0), full ? a.c.slab : a.c.o[4]);  // an open block: K only
+}
+
+constexpr int64_t kAhead = 2;  // blocks prefetched ahead
+
+template <typename T16>
+void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
+  thread_local Scratch w;
+  const int64_t G = a.G, D = a.D, pi = a.pi;
+  const int64_t ctx = a.ctx[b], nfull = ctx / pi;
+  const int64_t j0 = s * a.seg_blocks, j1 = std::min((ctx + pi - 1) / pi, j0 + a.seg_blocks);
+  for (int64_t g = 0; g < G; ++g) {
+    w.m[g] = -std::numeric_limits<float>::infinity();
+    w.l[g] = 0.f;
+    std::fill(w.acc[g], w.acc[g] + D, 0.f);
+  }
+  for (int64_t p = 0; p < a.P; ++p) {  // this (sequence, KV head)'s Q codes, per partition, in the dot's form
+    const uint8_t* qg = a.qc + (b * a.Hkv + h) * G * D + p * pi;  // head g at qg + g * D
+    for (int64_t g = 0; g < G; ++g) std::memcpy(w.pc + g * pi, qg + g * D, pi);
+    g_isa.prepare(w.pc, G, pi, static_cast<int>(a.bits), w.qprep + p * G * pi * 16);
+  }
+  for (int64_t j = j0; j < std::min(j1, j0 + kAhead); ++j) prefetch_block(a, h, a.tables[b * a.W + j], j < nfull);
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t blk = a.tables[b * a.W + j], n = std::min(pi, ctx - j * pi);
+    if (j + kAhead < j1) prefetch_block(a, h, a.tables[b * a.W + j + kAhead], j + kAhead < nfull);
+    block_scores(a, w, b, h, blk, n);
+    const bool full = j < nfull;
+    for (int64_t g = 0; g < G; ++g) {
+      const float alpha = g_isa.softmax(w.sc[g], n, pi, w.m[g], w.l[g], full ? w.pc + g * pi : nullptr, &w.pq[g]);
+      scale_row(w.acc[g], alpha, D);
+    }
+    if (full) {
+      block_pv_codes(a, w, h, blk);
+    } else {  // the open block: V from the sequence's 16-bit tail
+      const T16* vt = static_cast<const T16*>(a.c.v_tail) + (a.slots[b] * a.Hkv + h) * pi * D;
+      for (int64_t g = 0; g < G; ++g) tail_accumulate(w.acc[g], w.sc[g], vt, n, D);
+    }
+  }
+  const int64_t base = ((b * a.Hkv + h) * a.S + s) * G;
+  for (int64_t g = 0; g < G; ++g) {
+    float* o = a.out + (base + g) * D;
+    const float inv = w.l[g] > 0.f ? 1.f / w.l[g] : 0.f;
+    for (int64_t d = 0; d < D; ++d) o[d] = w.acc[g][d] * inv;
+    a.lse[base + g] = w.l[g] > 0.f ? w.m[g] + std::log(w.l[g]) : -std::numeric_limits<float>::infinity();
+  }
+}
+
+// Merge S partial results per (b, h, g) by their log-sum-exp weights.
+void merge_segments(const float* part, const float* plse, int64_t B, int64_t Hkv, int64_t S, int64_t G, int64_t D,
+                    float* out, float* lse_out) {
+  at::parallel_for(0, B * Hkv * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bh = i / G, g = i % G;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s < S; ++s) mx = std::max(mx, plse[(bh * S + s) * G + g]);
+      float* o = out + i * D;
+      std::fill(o, o + D, 0.f);
+      float total = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        const float ls = plse[(bh * S + s) * G + g];
+        if (ls == -std::numeric_limits<float>::infinity()) continue;
+        const float wt = std::exp(ls - mx);
+        total += wt;
+        const float* p = part + ((bh * S + s) * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += wt * p[d];
+      }
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      lse_out[i] = total > 0.f ? mx + std::log(total) : -std::numeric_limits<float>::infinity();
+    }
+  });
+}
+
+int64_t choose_segments(int64_t B, int64_t Hkv, int64_t max_blocks) {
+  const int64_t threads = at::get_num_threads();
+  int64_t S = (4 * threads + B * Hkv - 1) / (B * Hkv);  // enough work items to balance the threads
+  S = std::min(S, max_blocks / 2);                      // segments of at least 2 blocks
+  return std::max<int64_t>(1, S);
+}
+
+Cache cache_ptrs(const torch::Tensor& blocks, const torch::Tensor& v_tail, const std::vector<int64_t>& parts) {
+  TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == torch::kByte && blocks.is_contiguous() &&
+              blocks.device().is_cpu(), "HACK blocks: contiguous uint8 [NB, Hkv, slab] on the CPU");
+  TORCH_CHECK(v_tail.dim() == 4 && v_tail.is_contiguous() && v_tail.size(1) == blocks.size(1) &&
+              (v_tail.scalar_type() == torch::kHalf || v_tail.scalar_type() == torch::kBFloat16),
+              "HACK tail: contiguous 16-bit [S, Hkv, pi, D]");
+  TORCH_CHECK(parts.size() == 9 && parts[8] == blocks.size(2), "slab offsets do not match the blocks");
+  Cache c{blocks.data_ptr<uint8_t>(), v_tail.data_ptr(), parts[8], {}};
+  for (int i = 0; i < 8; ++i) c.o[i] = parts[i];
+  return c;
+}
+
+// Q * scale quantized per (b, hq, partition): qc [B, Hq, D], qp [B, Hq, P, 3] (scale, minimum, code sum);
+// the same float operations as hack.py's quantize(q.float() * scale)
+template <typename T>
+void quantize_q(const T* q, float scale, int64_t rows, int64_t D, int64_t pi, uint8_t* qc, float* qp) {
+  const int64_t P = D / pi;
+  for (int64_t i = 0; i < rows * P; ++i) {
+    float x[kMaxPi];
+    for (int64_t e = 0; e < pi; ++e) x[e] = to_f(q[i * pi + e]) * scale;  // stored: no fused multiply-add below
+    const QParams r = quantize_row<false>(x, pi, 255, qc + i * pi);
+    qp[i * 3] = r.scale, qp[i * 3 + 1] = r.minimum, qp[i * 3 + 2] = static_cast<float>(r.sum);
+  }
+}
+
+}  // namespace
+
+// q: [B, Hq, D]; blocks, v_tail, parts: HackCache.kernel_args(); tables [B, W], ctx [B], slots [B] int64.
+// Returns (out [B, Hq, D] in q's dtype, lse [B, Hq] float32, natural log).
+std::vector<torch::Tensor> hack_decode_attention(torch::Tensor q, torch::Tensor blocks, torch::Tensor v_tail,
+                                                 std::vector<int64_t> parts, torch::Tensor tables, torch::Tensor ctx,
+                                                 torch::Tensor slots, double scale, int64_t bits, int64_t num_segments) {
+  const Cache c = cache_ptrs(blocks, v_tail, parts);
+  TORCH_CHECK(q.dim() == 3, "q: [B, Hq, D]");
+  TORCH_CHECK(tables.scalar_type() == torch::kLong && ctx.scalar_type() == torch::kLong &&
+              slots.scalar_type() == torch::kLong, "int64 tables, context lengths and slots");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = blocks.size(1), pi = v_tail.size(2), P = D / pi;
+  TORCH_CHECK(v_tail.size(3) == D && P * pi == D && Hq % Hkv == 0, "q does not match the cache");
+  TORCH_CHECK(parts[1] == pi * D * bits / 8, "bits do not match the cache's codes");
+  const int64_t G = Hq / Hkv;
+  TORCH_CHECK(G <= kMaxG && D <= kMaxD && pi <= kMaxPi, "head group, head dim or partition too large");
+  auto tables_c = tables.contiguous(), ctx_c = ctx.contiguous(), slots_c = slots.contiguous();
+  const int64_t W = tables_c.size(1);
+  const int64_t S = num_segments > 0 ? num_segments : choose_segments(B, Hkv, W);
+  auto qcont = q.contiguous();
+  std::vector<uint8_t> qc(B * Hq * D);
+  std::vector<float> qp(B * Hq * P * 3);
+  dispatch(q.scalar_type(), [&](auto tag) {
+    quantize_q(static_cast<const decltype(tag)*>(qcont.data_ptr()), static_cast<float>(scale), B * Hq, D, pi, qc.data(),
+               qp.data());
+  });
+  auto opts = q.options().dtype(torch::kFloat);
+  auto part = torch::empty({B, Hkv, S, G, D}, opts);
+  auto plse = torch::empty({B, Hkv, S, G}, opts);
+  DecodeArgs a{c, qc.data(), qp.data(), tables_c.data_ptr<int64_t>(),
+               ctx_c.data_ptr<int64_t>(), slots_c.data_ptr<int64_t>(), part.data_ptr<float>(), plse.data_ptr<float>(),
+               Hkv, G, D, P, pi, bits, W, S, (W + S - 1) / S};
+  const bool bf16_tail = v_tail.scalar_type() == torch::kBFloat16;
+  at::parallel_for(0, B * Hkv * S, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (Hkv * S), h = (i / S) % Hkv, s = i % S;
+      if (bf16_tail) decode_one<c10::BFloat16>(a, b, h, s);
+      else decode_one<c10::Half>(a, b, h, s);
+    }
+  });
+  if (S == 1) return {part.view({B, Hq, D}).to(q.scalar_type()), plse.view({B, Hq})};
+  auto out = torch::empty({B, Hq, D}, opts);
+  auto lse = torch::empty({B, Hq}, opts);
+  merge_segments(part.data_ptr<float>(), plse.data_ptr<float>(), B, Hkv, S, G, D, out.data_ptr<float>(),
+                 lse.data_ptr<float>());
+  return {out.to(q.scalar_type()), lse};
+}
+
+// ---- writing new tokens -----------------------------------------------------------------------------
+
+namespace {
+
+struct Run {  // consecutive tokens [lo, hi) of one sequence in one block, from offset off0
+  int64_t slot, block, lo, hi, off0;
+};
+
+std::vector<Run> find_runs(const int64_t* blocks, const int64_t* offsets, const int64_t* slots, int64_t T, int64_t pi) {
+  std::vector<Run> runs;
+  int64_t lo = 0;
+  for (int64_t i = 1; i <= T; ++i) {
+    if (i < T && slots[i] == slots[lo] && blocks[i] == blocks[lo] && offsets[i] == offsets[lo] + i - lo) continue;
+    TORCH_CHECK(offsets[lo] >= 0 && offsets[lo] + (i - lo) <= pi, "token offsets run past the block");
+    runs.push_back({slots[lo], blocks[lo], lo, i, offsets[lo]});
+    lo = i;
+  }
+  std::unordered_map<int64_t, size_t> last;  // a sequence's later runs follow a completed block, from offset 0
+  for (size_t r = 0; r < runs.size(); ++r) {
+    auto it = last.find(runs[r].slot);
+    if (it != last.end()) {
+      const Run& e = runs[it->second];
+      TORCH_CHECK(e.off0 + e.hi - e.lo == pi && runs[r].off0 == 0, "tokens of a sequence must be written in order");
+    }
+    last[runs[r].slot] = r;
+  }
+  return runs;
+}
+
+template <typename TIn>
+void write_k(const Cache& c, const TIn* k, int64_t T, int64_t Hkv, int64_t D, int64_t pi, int bits,
+             const int64_t* blocks, const int64_t* offsets) {
+  const int64_t P = D / pi, M = pi * pi * bits / 8;
+  at::parallel_for(0, T * Hkv * P, 64, [&](int64_t begin, int64_t end) {
+    float x[kMaxPi];
+    uint8_t q[kMaxPi];
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / (Hkv * P), h = (i / P) % Hkv, p = i % P;
+      for (int64_t e = 0; e < pi; ++e) x[e] = to_f(k[(t * Hkv + h) * D + p * pi + e]);
+      const QParams qp = quantize_row<true>(x, pi, (1 << bits) - 1, q);
+      const int64_t bh = blocks[t] * Hkv + h, meta = p * pi + offsets[t];
+      pack_row(q, pi, bits, offsets[t], c.k_codes(bh) + p * M);  // the token is row offsets[t] of matrix p
+      c.k_scale(bh)[meta] = c10::Half(qp.scale);
+      c.k_min(bh)[meta] = c10::Half(qp.minimum);
+      c.k_sum(bh)[meta] = static_cast<int16_t>(qp.sum);
+    }
+  });
+}
+
+// quantize the V of a completed block: rows [0, off0) from the tail, the rest from v (rounded to T16)
+template <typename TIn, typename T16>
+void complete_v_block(const Cache& c, const Run& r, const TIn* v, int64_t Hkv, int64_t D, int64_t pi, int bits) {
+  const T16* tail = static_cast<const T16*>(c.v_tail) + r.slot * Hkv * pi * D;
+  std::vector<float> col(pi);
+  uint8_t q[kMaxPi];
+  for (int64_t h = 0; h < Hkv; ++h)
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t t = 0; t < pi; ++t)
+        col[t] = t < r.off0 ? to_f(tail[(h * pi + t) * D + d])
+                            : to_f(from_f<T16>(to_f(v[((r.lo + t - r.off0) * Hkv + h) * D + d])));
+      const QParams qp = quantize_row<true>(col.data(), pi, (1 << bits) - 1, q);
+      const int64_t bh = r.block * Hkv + h;
+      pack_row(q, pi, bits, d, c.v_codes(bh));  // channel d is row d of the block's matrix
+      c.v_scale(bh)[d] = c10::Half(qp.scale);
+      c.v_min(bh)[d] = c10::Half(qp.minimum);
+      c.v_sum(bh)[d] = static_cast<int16_t>(qp.sum);
+    }
+}
+
+template <typename TIn, typename T16>
+void append_tail(const Cache& c, const Run& r, const TIn* v, int64_t Hkv, int64_t D, int64_t pi) {
+  T16* tail = static_cast<T16*>(c.v_tail) + r.slot * Hkv * pi * D;
+  for (int64_t t = r.lo; t < r.hi; ++t)
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t d = 0; d < D; ++d) tail[(h * pi + r.off0 + t - r.lo) * D + d] = from_f<T16>(to_f(v[(t * Hkv + h) * D + d]));
+}
+
+}  // namespace
+
+// cache_blocks, v_tail, parts: HackCache.kernel_args(); k, v: [T, Hkv, D]; blocks, offsets, slots: [T] int64.
+void hack_write(torch::Tensor cache_blocks, torch::Tensor v_tail, std::vector<int64_t> parts, torch::Tensor k,
+                torch::Tensor v, torch::Tensor blocks, torch::Tensor offsets, torch::Tensor slots, int64_t bits) {
+  const Cache c = cache_ptrs(cache_blocks, v_tail, parts);
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type(), "k, v: [T, Hkv, D]");
+  auto kc = k.contiguous(), vc = v.contiguous();
+  auto bl = blocks.contiguous(), of = offsets.contiguous(), sl = slots.contiguous();
+  TORCH_CHECK(bl.scalar_type() == torch::kLong && of.scalar_type() == torch::kLong && sl.scalar_type() == torch::kLong,
+              "int64 blocks, offsets and slots");
+  const int64_t T = k.size(0), Hkv = k.size(1), D = k.size(2), pi = v_tail.size(2);
+  TORCH_CHECK(cache_blocks.size(1) == Hkv && v_tail.size(3) == D && D % pi == 0, "k/v do not match the cache");
+  TORCH_CHECK(parts[1] == pi * D * bits / 8 && pi <= kMaxPi, "bits do not match the cache's codes");
+  const auto runs = find_runs(bl.data_ptr<int64_t>(), of.data_ptr<int64_t>(), sl.data_ptr<int64_t>(), T, pi);
+  const bool bf16_tail = v_tail.scalar_type() == torch::kBFloat16;
+  dispatch(k.scalar_type(), [&](auto tag) {
+    using TIn = decltype(tag);
+    const TIn* kp = static_cast<const TIn*>(kc.data_ptr());
+    const TIn* vp = static_cast<const TIn*>(vc.data_ptr());
+    write_k(c, kp, T, Hkv, D, pi, static_cast<int>(bits), bl.data_ptr<int64_t>(), of.data_ptr<int64_t>());
+    auto v_runs = [&](auto t16) {
+      using T16 = decltype(t16);
+      // completed blocks first (they read the tail), then the open ones (they write it)
+      at::parallel_for(0, static_cast<int64_t>(runs.size()), 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i)
+          if (runs[i].off0 + runs[i].hi - runs[i].lo == pi)
+            complete_v_block<TIn, T16>(c, runs[i], vp, Hkv, D, pi, static_cast<int>(bits));
+      });
+      for (const Run& r : runs)
+        if (r.off0 + r.hi - r.lo < pi) append_tail<TIn, T16>(c, r, vp, Hkv, D, pi);
+    };
+    if (bf16_tail) v_runs(c10::BFloat16{});
+    else v_runs(c10::Half{});
+  });
+}
+
+std::string isa() { return g_isa.name; }
+
+void set_isa(const std::string& name) { g_isa = pick_isa(name); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("hack_decode_attention", &hack_decode_attention, "HACK decode attention on 2/4/8-bit codes");
+  m.def("hack_write", &hack_write, "quantize new K/V tokens into a HACK cache");
+  m.def("isa", &isa, "instruction set of the integer kernels in use");
+  m.def("set_isa", &set_isa, "choose the integer kernels: 'auto', 'avx2' or 'generic' (tests)");
+}
