@@ -1,29 +1,49 @@
-"""Decode throughput of kvtier against HF transformers' generate(), in the same run, same weights.
+"""Decode throughput of kvtier in each weight format against llama.cpp and HF transformers' generate(),
+in the same run, on the default model (SmolLM2-135M-Instruct, the same GGUF file for llama.cpp).
 
-    python benchmarks/bench_generate.py [--batches 1,8,32] [--prompt-len 200] [--new-tokens 128]
+    python benchmarks/bench_generate.py [--scenarios 1x200,1x6000,8x200,32x200] [--formats float32,int8,...]
+        [--new-tokens 64] [--no-hf] [--no-llama-cpp] [--perplexity /usr/share/common-licenses/GPL-3]
 
-Both engines get the same random prompts (fixed seed) and decode greedily with EOS ignored.
-Decode tokens/s = batch x (new_tokens - 1) / (time(new_tokens) - time(1 token)): the prefill and
-the first token are measured once and subtracted, the same way for both engines. Achieved
-bandwidth = bytes a decode step reads (weights, plus the KV cache) x steps/s, against the machine's
-read bandwidth measured at the start of the run.
+Scenarios are BATCHxCONTEXT: that many sequences with random prompts of CONTEXT tokens (fixed seed),
+decoded greedily with EOS ignored. kvtier and HF: decode tokens/s = batch x (new_tokens - 1) /
+(time(new_tokens) - time(1 token)), the prefill and first token subtracted the same way for both.
+llama.cpp (llama-cpp-python, the ``bench`` extra, ``benchmarks/llamacpp_baseline.py``): the same GGUF
+file and thread count, several sequences per llama_decode for batches, the decode steps timed alone;
+with f16 KV (flash attention on and off) and at long context also q4_0 KV. Bytes per step = weights +
+the KV cache read at the mean context, against the read bandwidth measured at the start of the run.
+``--perplexity FILE`` adds each weight format's perplexity on the first tokens of an English text.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from kvtier import LLM, SamplingParams
-from kvtier.models.loader import resolve_hf_folder
+from kvtier.entrypoints.accuracy import perplexity
+from kvtier.kernels.qlinear import WEIGHT_FORMATS
+from kvtier.models.loader import default_model_gguf, resolve_hf_folder
 from kvtier.utils.membw import read_bandwidth
+
+GGUF_KV_BYTES = {"f16": 2.0, "q4_0": 18 / 32}  # bytes per KV element in llama.cpp's cache
+
+
+@dataclass(slots=True)
+class Row:
+    scenario: str
+    engine: str
+    tok_s: float
+    bytes_per_step: float  # weights + KV read by one decode step
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed + batch)
+    g = torch.Generator().manual_seed(seed + batch + length)
     return torch.randint(100, vocab - 100, (batch, length), generator=g).tolist()
 
 
@@ -60,52 +80,129 @@ def hf_decode(model, ids: list[list[int]], n: int, repeats: int) -> float:
     return len(ids) * (n - 1) / (tn - t1)
 
 
+def parse_scenarios(text: str) -> list[tuple[int, int]]:
+    return [(int(b), int(c)) for b, c in (s.split("x") for s in text.split(","))]
+
+
+def kv_elements_per_token(cfg) -> int:
+    return 2 * cfg.num_layers * cfg.kv_size
+
+
+def run_kvtier(fmt: str, scenarios, args, cfg_out: dict) -> list[Row]:
+    longest = max(max(c for _, c in scenarios) + args.new_tokens, args.ppl_tokens) + 16
+    llm = LLM(model="default", weights=fmt, max_num_seqs=max(b for b, _ in scenarios), max_num_batched_tokens=2048,
+              max_model_len=longest, kv_cache_memory="1GiB")
+    model, cfg = llm.engine.loaded.model, llm.engine.model_config
+    cfg_out.update(cfg=cfg, vocab=cfg.vocab_size)
+    wbytes, kv_token = model.weight_bytes_per_step(), cfg.kv_bytes_per_token(model.dtype)
+    rows = []
+    for b, c in scenarios:
+        tok_s = kvtier_decode(llm, prompts(b, c, cfg.vocab_size), args.new_tokens, args.repeats)
+        rows.append(Row(f"{b}x{c}", f"kvtier {fmt}", tok_s, wbytes + b * (c + args.new_tokens / 2) * kv_token))
+        print(f"  kvtier {fmt:<8} {b}x{c}: {tok_s:.1f} tok/s", flush=True)
+    if args.perplexity:
+        ids = llm.get_tokenizer().encode(Path(args.perplexity).read_text())[: args.ppl_tokens]
+        cfg_out.setdefault("ppl", {})[fmt] = perplexity(llm, ids)
+        print(f"  kvtier {fmt:<8} perplexity {cfg_out['ppl'][fmt]:.3f} on {len(ids)} tokens", flush=True)
+    del llm, model
+    gc.collect()
+    return rows
+
+
+def run_llama_cpp(scenarios, args, cfg, threads: int) -> list[Row]:
+    from llamacpp_baseline import LlamaCpp
+
+    path = default_model_gguf()
+    lc = LlamaCpp(str(path), threads)
+    kv_elems = kv_elements_per_token(cfg)
+    wbytes = path.stat().st_size  # the GGUF's tensors (Q4_1 layers, Q8_0 embedding) dominate the file
+    rows = []
+    try:
+        for b, c in scenarios:
+            kinds = [("f16", True), ("f16", False)] + ([("q4_0", True)] if c >= 1000 else [])
+            for kv, fa in kinds:
+                tok_s = lc.decode(prompts(b, c, cfg.vocab_size), args.new_tokens, kv, fa)
+                name = f"llama.cpp {kv} KV{'' if fa else ' no-FA'}"
+                kv_bytes = b * (c + args.new_tokens / 2) * kv_elems * GGUF_KV_BYTES[kv]
+                rows.append(Row(f"{b}x{c}", name, tok_s, wbytes + kv_bytes))
+                print(f"  {name:<22} {b}x{c}: {tok_s:.1f} tok/s", flush=True)
+    finally:
+        lc.close()
+    return rows
+
+
+def run_hf(scenarios, args, cfg) -> list[Row]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(resolve_hf_folder("default")), dtype=torch.float32).eval()
+    wbytes, kv_token = sum(p.numel() * 4 for p in hf.parameters()), cfg.kv_bytes_per_token(torch.float32)
+    rows = []
+    for b, c in scenarios:
+        tok_s = hf_decode(hf, prompts(b, c, cfg.vocab_size), args.new_tokens, args.repeats)
+        rows.append(Row(f"{b}x{c}", "HF float32", tok_s, wbytes + b * (c + args.new_tokens / 2) * kv_token))
+        print(f"  HF float32 {b}x{c}: {tok_s:.1f} tok/s", flush=True)
+    return rows
+
+
+def print_table(rows: list[Row], bw: float) -> None:
+    print(f"\n{'scenario':>9} {'engine':<24} {'tok/s':>7} {'x llama.cpp':>11} {'x HF':>6} {'MB/step':>8} "
+          f"{'GB/s':>6} {'of bw':>6}")
+    for scenario in dict.fromkeys(r.scenario for r in rows):
+        group = [r for r in rows if r.scenario == scenario]
+        llama = max((r.tok_s for r in group if r.engine.startswith("llama.cpp f16")), default=None)
+        hf = next((r.tok_s for r in group if r.engine == "HF float32"), None)
+        batch = int(scenario.split("x")[0])
+        for r in group:
+            gbs = r.bytes_per_step * r.tok_s / batch / 1e9
+            vs_llama = f"{r.tok_s / llama:.2f}" if llama else "-"
+            vs_hf = f"{r.tok_s / hf:.2f}" if hf else "-"
+            print(f"{scenario:>9} {r.engine:<24} {r.tok_s:>7.1f} {vs_llama:>11} {vs_hf:>6} "
+                  f"{r.bytes_per_step / 1e6:>8.0f} {gbs:>6.1f} {gbs * 1e9 / bw:>6.0%}")
+    print("x llama.cpp: against the faster of llama.cpp's f16-KV rows (flash attention on/off) in the same scenario")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
-    ap.add_argument("--prompt-len", type=int, default=200)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2, help="best of N timings")
+    ap.add_argument("--scenarios", default="1x200,1x6000,8x200,32x200", help="BATCHxCONTEXT, comma-separated")
+    ap.add_argument("--formats", default=",".join(WEIGHT_FORMATS), help="kvtier weight formats")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=1, help="best of N timings (kvtier, HF)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp baseline")
+    ap.add_argument("--perplexity", default=None, metavar="FILE", help="English text for perplexity per format, "
+                    "e.g. /usr/share/common-licenses/GPL-3")
+    ap.add_argument("--ppl-tokens", type=int, default=1024)
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    scenarios = parse_scenarios(args.scenarios)
+    threads = torch.get_num_threads()
 
     bw = read_bandwidth()
-    print(f"machine: {torch.get_num_threads()} threads, measured read bandwidth {bw / 1e9:.1f} GB/s")
-    llm = LLM(model="default", max_num_seqs=max(batches), max_num_batched_tokens=2048)
-    model = llm.engine.loaded.model
-    cfg = llm.engine.model_config
-    wbytes = model.weight_bytes_per_step()
-    kv_token = cfg.kv_bytes_per_token(model.dtype)
-    hf = None
+    print(f"machine: {threads} threads, measured read bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+    info: dict = {}
+    rows: list[Row] = []
+    for fmt in args.formats.split(","):
+        rows += run_kvtier(fmt, scenarios, args, info)
+    if args.no_llama_cpp:
+        print("llama.cpp: skipped (--no-llama-cpp)")
+    else:
+        from llamacpp_baseline import available
+
+        why = available()
+        if why:
+            print(f"llama.cpp: not measured: {why}")
+        else:
+            rows += run_llama_cpp(scenarios, args, info["cfg"], threads)
     if not args.no_hf:
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_pretrained(str(resolve_hf_folder("default")), dtype=torch.float32).eval()
-
-    rows = []
-    header = (f"{'batch':>5} {'HF tok/s':>9} {'kvtier tok/s':>12} {'ratio':>6} {'step ms':>8} "
-              f"{'weights GB/s':>12} {'+KV GB/s':>9} {'of limit':>8}")
-    print(header)
-    for b in batches:
-        ids = prompts(b, args.prompt_len, cfg.vocab_size)
-        ours = kvtier_decode(llm, ids, args.new_tokens, args.repeats)
-        base = hf_decode(hf, ids, args.new_tokens, args.repeats) if hf is not None else None
-        steps = ours / b
-        ctx = args.prompt_len + args.new_tokens / 2  # mean context over the decode
-        w_bw = wbytes * steps
-        total_bw = (wbytes + b * ctx * kv_token) * steps
-        row = {"batch": b, "hf_tok_s": base, "kvtier_tok_s": ours, "ratio": ours / base if base else None,
-               "step_ms": 1e3 / steps, "weights_gb_s": w_bw / 1e9, "weights_kv_gb_s": total_bw / 1e9,
-               "share_of_read_bw": total_bw / bw}
-        rows.append(row)
-        print(f"{b:>5} {base or float('nan'):>9.1f} {ours:>12.1f} {row['ratio'] or float('nan'):>6.2f} "
-              f"{row['step_ms']:>8.1f} {w_bw / 1e9:>12.1f} {total_bw / 1e9:>9.1f} {total_bw / bw:>8.0%}")
-    print(f"weights read per decode step: {wbytes / 1e6:.0f} MB; KV per token: {kv_token / 1e3:.1f} KB")
+        rows += run_hf(scenarios, args, info["cfg"])
+    print_table(rows, bw)
+    if info.get("ppl"):
+        print(f"perplexity on {args.perplexity} (first {args.ppl_tokens} tokens): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in info["ppl"].items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"read_bandwidth_gb_s": bw / 1e9, "rows": rows}, f, indent=2)
+            json.dump({"read_bandwidth_gb_s": bw / 1e9, "rows": [asdict(r) for r in rows],
+                       "perplexity": info.get("ppl")}, f, indent=2)
 
 
 if __name__ == "__main__":

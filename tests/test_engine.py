@@ -102,4 +102,4 @@ def test_config_errors():
 def test_bfloat16_runs(kernel_path):
     engine = LLMEngine(tiny_config(dtype="bfloat16"))
     out = LLM.from_engine(engine).generate([[1, 2, 3, 4]], SamplingParams(max_tokens=6, ignore_eos=True), False)[0]
-    assert len(out.token_ids) == 6 and engine.storage.kv.dtype == torch.bfloat16
+    assert len(out.token_ids) == 6 and engine.storages[0].k.dtype == torch.bfloat16

@@ -6,7 +6,8 @@ import torch
 from kvtier.errors import ConfigError
 from kvtier.kernels.formats import HackFormat, kv_bytes, parse_format
 from kvtier.kernels.hack import HackCache
-from kvtier.kv.storage import KVLayout, KVStorage
+from kvtier.kv.placement import Target
+from kvtier.kv.storage import KVLayout, KVStorage, memories
 
 ROLES = {"codes": ("k_codes", "v_codes"), "scales": ("k_scale", "v_scale"), "minima": ("k_min", "v_min"),
          "sums": ("k_sum", "v_sum")}
@@ -21,7 +22,8 @@ def nbytes(t: torch.Tensor) -> int:
 @pytest.mark.parametrize("hkv,d,bs", [(3, 64, 16), (8, 128, 32)])
 def test_float_formats_match_storage(name, dtype, hkv, d, bs):
     layers, blocks = 2, 5
-    storage = KVStorage(KVLayout(layers, hkv, d, bs, dtype), blocks, "cpu")
+    storage = KVStorage(KVLayout(layers, hkv, d, bs, dtype), Target("device", blocks, "device", "device"),
+                        memories(torch.device("cpu"), None))
     acc = kv_bytes(name, hkv, d, bs)
     assert acc.block * blocks * layers == storage.nbytes
     assert acc.per_token == 2 * hkv * d * dtype.itemsize

@@ -123,3 +123,17 @@ def test_merge_combines_attention_over_split_blocks(dtype, kernel_path):
     merged, _ = attention.merge_attention([part_a, part_b])
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(merged.float(), full.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_lse_gives_each_blocks_attention_mass(dtype, kernel_path):
+    q, k, v, tables, ctx = paged_case(3, 100, 6, 2, 64, 16, dtype, seed=5)
+    out, lse, blse = attention.paged_decode_attention(q, k, v, DecodePlan(tables, ctx), 0.125, block_lse=True)
+    mass = torch.exp(blse - lse[..., None])  # [B, Hq, W]
+    torch.testing.assert_close(mass.sum(-1), torch.ones_like(lse), atol=1e-4, rtol=1e-4)
+    for b in range(3):  # each block's mass is the softmax summed over its tokens
+        n = int(ctx[b])
+        kk = k[tables[b]].transpose(0, 1).reshape(2, -1, 64)[:, :n].float().repeat_interleave(3, 0)
+        p = torch.softmax((q[b].float()[:, None] @ kk.transpose(1, 2)).squeeze(1) * 0.125, -1)  # [Hq, n]
+        expect = torch.nn.functional.pad(p, (0, tables.shape[1] * 16 - n)).view(6, -1, 16).sum(-1)
+        torch.testing.assert_close(mass[b], expect, atol=1e-3, rtol=1e-3)

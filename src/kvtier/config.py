@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvtier.errors import ConfigError
+from kvtier.kernels.qlinear import WEIGHT_FORMATS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -16,6 +17,7 @@ class EngineConfig:
     model: str = "default"  # "default", an HF folder, a .gguf file, or a named shape with load_format="dummy"
     load_format: str = "auto"  # "auto" | "dummy" (random weights)
     dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    weights: str = "float32"  # weight format of the linear layers: float32 (in dtype) | bfloat16 | int8 | int4
     device: str = "auto"  # "auto" | "cpu" | "cuda[:N]"
     max_model_len: int | None = None  # default: the model's context length
     block_size: int = 16  # tokens per KV block
@@ -23,6 +25,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory
     kv_policy: str = "plain"
     kv_policy_options: dict = field(default_factory=dict)
+    kv_tiers: str | dict | None = None  # budgets per memory tier: "device=2GiB,host=16GiB,disk=64GiB"
+    kv_disk_dir: str | None = None  # directory of the disk tier's memory-mapped file
+    kv_trace: str | None = None  # write the attention mass per block, layer and KV head to this file
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     enable_chunked_prefill: bool = True
@@ -39,6 +44,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype '{self.dtype}'", f"use auto or one of {', '.join(DTYPES)}")
+        if self.weights not in WEIGHT_FORMATS:
+            raise ConfigError(f"unknown weight format '{self.weights}'", f"use one of {', '.join(WEIGHT_FORMATS)}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -27,6 +27,7 @@ struct DecodeArgs {
   const int64_t* ctx;        // [B]
   float* out;                // [B, Hkv, S, G, D] partial outputs (normalized)
   float* lse;                // [B, Hkv, S, G]
+  float* blse;               // [B, Hq, W] log-sum-exp of each block's scores, or null
   int64_t Hkv, G, D, bs, W, S, seg_blocks;
 };
 
@@ -89,6 +90,7 @@ KV_CLONES void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) 
         sum += sc[g][t];
       }
       l[g] = l[g] * alpha + sum;
+      if (a.blse) a.blse[((b * a.Hkv + h) * G + g) * a.W + j] = mx + std::log(sum);
       m[g] = mx;
       float* ag = acc[g];
 #pragma omp simd
@@ -199,6 +201,7 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) 
         sum += sc[g][t];
       }
       l[g] = l[g] * alpha + sum;
+      if (a.blse) a.blse[((b * a.Hkv + h) * G + g) * a.W + j] = mx + std::log(sum);
       m[g] = mx;
       v8f o[NV];
       for (int v = 0; v < NV; ++v) o[v] = acc[g][v] * alpha;
@@ -276,10 +279,12 @@ int64_t choose_segments(int64_t B, int64_t Hkv, int64_t max_blocks) {
 }  // namespace
 
 // q: [B, Hq, D]; caches [NB, Hkv, bs, D]; tables [B, W] int64; ctx [B] int64.
-// Returns (out [B, Hq, D] in q's dtype, lse [B, Hq] fp32, natural log).
+// Returns (out [B, Hq, D] in q's dtype, lse [B, Hq] fp32, natural log, and with block_lse the
+// log-sum-exp of each block's scores [B, Hq, W], -inf past a context: exp(block_lse - lse) is the
+// attention mass of the block).
 std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                                   torch::Tensor tables, torch::Tensor ctx, double scale,
-                                                  int64_t num_segments) {
+                                                  int64_t num_segments, bool block_lse) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [B,Hq,D], cache [NB,Hkv,bs,D]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V caches differ in dtype");
@@ -300,9 +305,10 @@ std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor
   auto opts = q.options().dtype(torch::kFloat);
   auto part = torch::empty({B, Hkv, S, G, D}, opts);
   auto plse = torch::empty({B, Hkv, S, G}, opts);
+  auto blse = block_lse ? torch::full({B, Hq, W}, -std::numeric_limits<float>::infinity(), opts) : torch::Tensor();
   DecodeArgs a{qf.data_ptr<float>(), k_cache.data_ptr(), v_cache.data_ptr(), tables_c.data_ptr<int64_t>(),
                ctx_c.data_ptr<int64_t>(), part.data_ptr<float>(), plse.data_ptr<float>(),
-               Hkv, G, D, bs, W, S, seg_blocks};
+               block_lse ? blse.data_ptr<float>() : nullptr, Hkv, G, D, bs, W, S, seg_blocks};
   const auto dtype = k_cache.scalar_type();
   at::parallel_for(0, B * Hkv * S, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -323,6 +329,7 @@ std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor
                    lse.data_ptr<float>());
   }
   if (permute) out = reinterleave16(out);
+  if (block_lse) return {out.to(q.scalar_type()), lse, blse};
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -532,7 +539,9 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "batch-1 float32 matrix-vector product");
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention with split-KV merge");
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention with split-KV merge",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("ctx"), py::arg("scale"),
+        py::arg("num_segments") = 0, py::arg("block_lse") = false);
   m.def("write_kv", &write_kv, "write new K/V rows into their cache slots");
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("add_rms_norm", &add_rms_norm, "residual add in place, then RMSNorm");

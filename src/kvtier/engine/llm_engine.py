@@ -10,9 +10,11 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvtier.config import EngineConfig
+from kvtier.engine.kv_stats import KVStats
 from kvtier.engine.model_runner import ModelRunner
 from kvtier.engine.outputs import CompletionOutput, RequestOutput, RequestStats
 from kvtier.engine.sampler import sample
@@ -22,11 +24,15 @@ from kvtier.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kvtier.errors import ConfigError, RequestError
 from kvtier.kv.block_manager import BlockManager
 from kvtier.kv.block_pool import BlockPool
-from kvtier.kv.cache import PagedKVCache
-from kvtier.kv.policies import make_policy
-from kvtier.kv.storage import KVLayout, KVStorage
+from kvtier.kv.cache import TieredKVCache
+from kvtier.kv.manager import KVManager
+from kvtier.kv.setup import plan_kv
+from kvtier.kv.storage import KVLayout, KVStorage, check_disk_dir, memories
+from kvtier.kv.tiers import TierBudget
+from kvtier.kv.trace import TraceWriter
 from kvtier.models.loader import LoadedModel, load_model
-from kvtier.utils.units import format_bytes, parse_bytes
+from kvtier.utils.paths import cache_dir
+from kvtier.utils.units import parse_bytes
 
 AUTO_KV_MEMORY_CPU = 4 * 2**30
 
@@ -50,6 +56,7 @@ class EngineStats:
     decode_only_s: float = 0.0  # time of steps that ran decodes only
     decode_only_tokens: int = 0
     peak_blocks_used: int = 0
+    longest_prompt: int = 0  # tokens
     step_log: list[dict] = field(default_factory=list)
 
 
@@ -61,22 +68,13 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         device = config.torch_device()
         self.loaded = loaded or load_model(config.model, config.load_format, config.torch_dtype(device), device,
-                                           config.hf_overrides, config.seed)
+                                           config.hf_overrides, config.seed, config.weights)
         self.model_config = cfg = self.loaded.config
         self.tokenizer = self._tokenizer()
         self.max_model_len = self._max_model_len()
-        self.policy = make_policy(config.kv_policy, config.kv_policy_options)
         self.layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size,
                                self.loaded.model.dtype)
-        num_blocks = self._num_blocks(device)
-        self.storage = KVStorage(self.layout, num_blocks, device, tier=self.policy.tiers()[0])
-        self.pool = BlockPool(num_blocks)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
-            BlockManager(self.pool, config.block_size),
-        )
-        self.runner = ModelRunner(self.loaded.model, PagedKVCache(self.storage, cfg.head_dim**-0.5),
-                                  config.block_size)
+        self._build_kv(device)
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -84,6 +82,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self.log_steps = log_steps
+        self.measure_attention = False  # account attention mass per tier even if the policy does not observe it
+        self.logits_processor = None  # (sequences, logits [N, V]) -> logits, before sampling (eval uses it)
         self.incremental_text = False  # servers stream text; offline runs decode once at the end
         self._ids = itertools.count()
 
@@ -105,23 +105,37 @@ class LLMEngine:
                               f"use --max-model-len {limit} or less")
         return asked or limit
 
-    def _num_blocks(self, device: torch.device) -> int:
+    def _build_kv(self, device: torch.device) -> None:
+        """Policy, storage targets in memory tiers, block placement, scheduler and cache."""
+        cfg, lay = self.config, self.layout
+        need = -(-self.max_model_len // cfg.block_size)
+        plan = plan_kv(cfg.kv_policy, cfg.kv_policy_options, cfg.kv_tiers, self._device_budget(device),
+                       lay.block_bytes, lay.part_bytes, need, cfg.block_size)
+        self.policy, self.kv_plan = plan.policy, plan
+        disk = any("disk" in t.tiers for t in plan.targets)
+        mems = memories(device, check_disk_dir(cfg.kv_disk_dir or cache_dir("kv-disk")) if disk else None)
+        self.storages = [KVStorage(lay, t, mems) for t in plan.targets]
+        self.placement = plan.placement()
+        self.pool = BlockPool(plan.num_blocks)
+        self.cache = TieredKVCache(self.storages, self.placement, self.policy, self.model_config.head_dim**-0.5,
+                                   cfg.block_size, device)
+        self.kv = KVManager(self.policy, self.placement, mover=self.cache.move)
+        self.scheduler = Scheduler(
+            SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enable_chunked_prefill),
+            BlockManager(self.pool, cfg.block_size, self.kv),
+        )
+        self.runner = ModelRunner(self.loaded.model, self.cache)
+        exempt = len(getattr(self.policy, "exempt_layers", ())) if self.policy.name == "kcache" else None
+        self.kv_stats = KVStats(lay, self.placement, exempt)
+        self.tracer = TraceWriter(cfg.kv_trace, self.model_config, lay) if cfg.kv_trace else None
+
+    def _device_budget(self, device: torch.device) -> TierBudget:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
-            num = cfg.num_kv_blocks
-        else:
-            budget = self._auto_kv_bytes(device) if cfg.kv_cache_memory == "auto" \
-                else parse_bytes(cfg.kv_cache_memory, "kv_cache_memory")
-            num = budget // self.layout.block_bytes
-        need = -(-self.max_model_len // cfg.block_size)
-        if num < need:
-            raise ConfigError(
-                f"the KV pool holds {num} blocks ({num * cfg.block_size} tokens) but one sequence of "
-                f"max_model_len {self.max_model_len} needs {need}",
-                f"raise --kv-cache-memory to at least {format_bytes(need * self.layout.block_bytes)} "
-                f"or lower --max-model-len",
-            )
-        return num
+            return TierBudget("device", blocks=cfg.num_kv_blocks)
+        if cfg.kv_cache_memory == "auto":
+            return TierBudget("device", nbytes=self._auto_kv_bytes(device))
+        return TierBudget("device", nbytes=parse_bytes(cfg.kv_cache_memory, "kv_cache_memory"))
 
     def _auto_kv_bytes(self, device: torch.device) -> int:
         if device.type == "cuda":
@@ -161,6 +175,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         ids = self.encode_prompt(prompt, prompt_token_ids)
+        self.stats.longest_prompt = max(self.stats.longest_prompt, len(ids))
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seqs, detoks, gens = [], [], []
@@ -195,14 +210,22 @@ class LLMEngine:
         if batch.is_empty:
             assert not self.scheduler.has_unfinished(), "scheduler stalled with work left"
             return []
-        self.policy.before_step(batch)
         t0 = time.perf_counter()
-        seqs, logits = self.runner.run(batch)
+        self.kv.before_step([s.block_table for s, _ in batch.scheduled()])
+        moves = self.kv.take_moves()  # the scheduler's swaps and the policy's migrations
+        observe = bool(batch.decodes) and (self.policy.observes_attention or self.tracer is not None
+                                           or self.measure_attention)
+        self.cache.trace_layers = self.tracer is not None
+        seqs, logits = self.runner.run(batch, observe)
+        mass = self._observed(batch) if observe else None
         for seq, n in batch.scheduled():
             seq.num_computed_tokens += n
+        if self.logits_processor is not None:
+            logits = self.logits_processor(seqs, logits)
         tokens = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])
         now = time.perf_counter()
-        self._account(batch, now - t0)
+        self._account(batch, now - t0, self.kv_stats.step(self.cache.tokens_read, self.cache.v_rows_read, moves,
+                                                          mass))
         touched = {}
         for seq, tok in zip(seqs, tokens, strict=True):
             self._append(seq, tok, now)
@@ -212,7 +235,17 @@ class LLMEngine:
     def _generator(self, seq: Sequence) -> torch.Generator:
         return self.requests[seq.request_id].generators[seq.index] or self.generator
 
-    def _account(self, batch, seconds: float) -> None:
+    def _observed(self, batch) -> np.ndarray:
+        """Hand the step's attention mass per block to the policy (and the trace); returns it."""
+        obs = self.cache.obs
+        mass = obs.mass.cpu().numpy()
+        blocks = np.nonzero(mass)[0]
+        self.kv.observe(blocks, mass[blocks])
+        if self.tracer is not None:
+            self.tracer.write(self.stats.num_steps + 1, batch.decodes, obs.layers)
+        return mass
+
+    def _account(self, batch, seconds: float, kv_record: dict) -> None:
         st = self.stats
         st.num_steps += 1
         st.forward_s += seconds
@@ -228,7 +261,7 @@ class LLMEngine:
                 "step": st.num_steps, "seconds": seconds, "num_decode": len(batch.decodes),
                 "decode_context": [s.num_computed_tokens for s in batch.decodes],
                 "prefill_chunks": [(s.num_computed_tokens - n, n) for s, n in batch.prefills],
-                "blocks_used": self.pool.num_used, "preempted": len(batch.preempted),
+                "blocks_used": self.pool.num_used, "preempted": len(batch.preempted), "kv": kv_record,
             })
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:
@@ -286,12 +319,10 @@ class LLMEngine:
     # ---- reports ------------------------------------------------------------------------------
     def kv_usage(self) -> dict[str, dict]:
         """Blocks and bytes per memory tier, now and at the peak."""
-        bb = self.layout.block_bytes
-        return {self.storage.tier: {
-            "blocks_total": self.pool.num_blocks, "blocks_used": self.pool.num_used,
-            "bytes_used": self.pool.num_used * bb, "peak_bytes": self.stats.peak_blocks_used * bb,
-            "bytes_total": self.pool.num_blocks * bb,
-        }}
+        now, peak = self.kv_stats.usage(), self.kv_stats.usage(peak=True)
+        for tier, u in now.items():
+            u["peak_bytes"] = peak[tier]["bytes_used"]
+        return now
 
 
 def _stats(seq: Sequence) -> RequestStats:

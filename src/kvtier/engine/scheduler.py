@@ -1,10 +1,12 @@
-"""Continuous batching with a token budget per step, chunked prefill and preemption by recompute.
+"""Continuous batching with a token budget per step, chunked prefill and preemption.
 
 Each step: running sequences first (one token for a decode, the next chunk for a partial
-prefill), oldest first; when blocks run out the newest running sequence is preempted (its blocks
-freed, its tokens recomputed later). Then waiting sequences are admitted, oldest first, while the
-token budget, the sequence limit and free blocks allow. The scheduler knows tokens and blocks,
-never tensors: the simulator drives it with a cost model in place of the model runner.
+prefill), oldest first; when blocks run out the newest running sequence is preempted: by
+recompute (its blocks freed, its tokens recomputed later) or, under a swapping KV policy, by moving
+its blocks to a slower tier. Then swapped sequences come back, then waiting sequences are admitted,
+oldest first, while the token budget, the sequence limit and free blocks allow. The scheduler knows
+tokens and blocks, never tensors: the simulator drives it with a cost model in place of the model
+runner.
 """
 
 from __future__ import annotations
@@ -52,20 +54,24 @@ class Scheduler:
         self.bm = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.swapped: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.num_swaps = 0
 
     def add(self, seq: Sequence) -> None:
         assert seq.status is Status.WAITING and not seq.block_table
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
         if not batch.preempted:
-            self._admit_waiting(batch, budget)
+            budget = self._swap_in(batch, budget)
+            if not self.swapped:
+                self._admit_waiting(batch, budget)
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
@@ -75,13 +81,34 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget)
             if not self._make_room(seq, n, batch):
                 break  # seq itself was preempted: it was the newest, nothing runs after it
-            batch.new_blocks += self.bm.grow(seq.block_table, seq.num_computed_tokens + n)
-            if n == 1 and seq.num_uncomputed == 1:
-                batch.decodes.append(seq)
-            else:
-                batch.prefills.append((seq, n))
+            self._add_to_batch(batch, seq, n)
             budget -= n
             i += 1
+        return budget
+
+    def _add_to_batch(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
+        batch.new_blocks += self.bm.grow(seq.block_table, seq.num_computed_tokens + n)
+        if n == 1 and seq.num_uncomputed == 1:
+            batch.decodes.append(seq)
+        else:
+            batch.prefills.append((seq, n))
+
+    def _swap_in(self, batch: ScheduledBatch, budget: int) -> int:
+        """Bring swapped sequences back, oldest first, while their blocks (and growth) fit."""
+        cfg = self.config
+        while self.swapped and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            seq = self.swapped[0]
+            n = min(seq.num_uncomputed, budget)
+            grow = self.bm.blocks_needed(seq.block_table, seq.num_computed_tokens + n)
+            reserve = cfg.watermark_blocks if self.running else 0
+            if not self.bm.can_swap_in(seq.block_table, grow + reserve):
+                break
+            self.swapped.popleft()
+            self.bm.swap_in(seq.block_table)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            self._add_to_batch(batch, seq, n)
+            budget -= n
         return budget
 
     def _make_room(self, seq: Sequence, n: int, batch: ScheduledBatch) -> bool:
@@ -112,21 +139,30 @@ class Scheduler:
             budget -= n
 
     def preempt(self, seq: Sequence) -> None:
-        """Free a running sequence's blocks; it waits at the front and is recomputed later."""
+        """Take a running sequence off: swap its blocks to a slower tier if the KV policy swaps and
+        there is room, else free them (it waits at the front and is recomputed later)."""
         self.running.remove(seq)
+        seq.stats.num_preemptions += 1
+        self.num_preemptions += 1
+        if self.bm.can_swap_out(seq.block_table):
+            self.bm.swap_out(seq.block_table)
+            seq.status = Status.SWAPPED
+            self.num_swaps += 1
+            self.swapped.appendleft(seq)
+            return
         self.bm.release(seq.block_table)
         seq.num_computed_tokens = 0
         seq.status = Status.WAITING
-        seq.stats.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
-        """End a sequence (running, waiting or both-neither after abort) and free its blocks."""
+        """End a sequence (running, waiting, swapped) and free its blocks."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq.status is Status.SWAPPED:
+            self.swapped.remove(seq)
         self.bm.release(seq.block_table)
         seq.status = Status.FINISHED
         seq.finish_reason = reason

@@ -12,6 +12,7 @@ from kvtier.sampling_params import SamplingParams
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted with its blocks parked in a slower tier
     FINISHED = "finished"
 
 

@@ -15,7 +15,9 @@ import click
 
 from kvtier.entrypoints.bench_serve import bench
 from kvtier.entrypoints.options import engine_config, engine_kwargs, engine_options
+from kvtier.entrypoints.profile_cmd import profile
 from kvtier.entrypoints.serve import serve
+from kvtier.entrypoints.simulate_cmd import simulate
 from kvtier.errors import ConfigError, KvtierError
 from kvtier.utils.units import format_bytes
 
@@ -50,6 +52,7 @@ def generate(prompts, max_tokens, temperature, top_p, top_k, sample_seed, stop, 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=sample_seed, stop=list(stop), ignore_eos=ignore_eos)
     llm = LLM(**engine_kwargs(kw))
+    llm.engine.log_steps = stats
     items = [_chat_prompt(llm, p) if as_chat else p for p in prompts]
     if len(items) == 1 and not as_json:
         outs = [_stream(llm, items[0], params)]
@@ -111,7 +114,7 @@ def _print_stats(engine, outs) -> None:
         s = out.stats[0]
         t.add_row(str(i), str(s.num_prompt_tokens), str(s.num_output_tokens), _ms(s.ttft_s), _ms(s.tpot_s),
                   f"{s.decode_tokens_per_s:.1f}" if s.decode_tokens_per_s else "-", str(s.num_preemptions))
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=max(120, Console().width))
     console.print(t)
     st = engine.stats
     step_s = st.decode_only_s / st.decode_only_steps if st.decode_only_steps else None
@@ -121,11 +124,42 @@ def _print_stats(engine, outs) -> None:
     if step_s:
         lines.append(f"decode step {step_s * 1e3:.1f} ms: weights read at {wbytes / step_s / 1e9:.1f} GB/s "
                      f"({format_bytes(wbytes)} per step)")
-    for tier, u in engine.kv_usage().items():
-        lines.append(f"KV tier {tier}: peak {format_bytes(u['peak_bytes'])} of {format_bytes(u['bytes_total'])} "
-                     f"({u['blocks_total']} blocks of {engine.config.block_size} tokens)")
+    lines += _kv_lines(engine)
+    if engine.policy.name != "plain":
+        console.print(_kv_step_table(engine.stats.step_log))
     for line in lines:
         console.print(line)
+
+
+def _kv_lines(engine) -> list[str]:
+    """Per memory tier: capacity and peak, KV bytes attention read and bytes migrated per step."""
+    kv, steps = engine.kv_stats.totals, max(engine.stats.num_steps, 1)
+    out = [f"KV policy {engine.policy.name}: {kv.moves} block moves"
+           + ("" if kv.fast_mass_share is None else f", {100 * kv.fast_mass_share:.1f}% of attention mass "
+              "served from the fast tier")]
+    for tier, u in engine.kv_usage().items():
+        moved = kv.bytes_migrated_in.get(tier, 0) + kv.bytes_migrated_out.get(tier, 0)
+        out.append(f"KV tier {tier}: peak {format_bytes(u['peak_bytes'])} of {format_bytes(u['bytes_total'])} "
+                   f"({u['blocks_total']} blocks of {engine.config.block_size} tokens); per step: read "
+                   f"{format_bytes(kv.bytes_read.get(tier, 0) // steps)}, migrated {format_bytes(moved // steps)}")
+    return out
+
+
+def _kv_step_table(log: list[dict], max_rows: int = 16):
+    """Per step (sampled to ``max_rows``): KV blocks resident per target, bytes read per tier, migrated."""
+    from rich.table import Table
+
+    t = Table(title="KV per step")
+    for col in ("step", "decodes", "resident blocks", "read", "migrated", "fast-tier mass"):
+        t.add_column(col, justify="right" if col in ("step", "decodes") else "left")
+    stride = max(1, -(-len(log) // max_rows))
+    for r in log[::stride]:
+        kv = r["kv"]
+        mass = kv.get("fast_mass_share")
+        t.add_row(str(r["step"]), str(r["num_decode"]), _per_tier(kv["resident_blocks"], str),
+                  _per_tier(kv["bytes_read"]), _per_tier(kv["bytes_migrated"]),
+                  "-" if mass is None else f"{100 * mass:.0f}%")
+    return t
 
 
 def _ms(x) -> str:
@@ -211,17 +245,87 @@ def compare(policies, max_tokens, as_json, **kw):
         click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
         return
     t = Table(title=f"KV policies: {len(COMPARE_PROMPTS)} prompts x {max_tokens} greedy tokens")
-    for col in ("policy", "KV peak per tier", "decode tok/s", "agreement", "diverges at", "preemptions"):
+    cols = ("policy", "KV peak per tier", "KV read per tier", "migrated", "fast-tier mass", "decode tok/s",
+            "agreement", "diverges at", "preempted")
+    for col in cols:
         t.add_column(col, justify="left" if col.startswith(("policy", "KV")) else "right", no_wrap=True)
     for r in rows:
-        tiers = ", ".join(f"{k} {format_bytes(v)}" for k, v in r.kv_bytes_peak.items())
-        t.add_row(r.policy, tiers, f"{r.decode_tokens_per_s:.1f}", f"{100 * r.agreement:.1f}%",
+        mass = "-" if r.fast_mass_share is None else f"{100 * r.fast_mass_share:.1f}%"
+        t.add_row(r.policy, _per_tier(r.kv_bytes_peak), _per_tier(r.kv_bytes_read), format_bytes(r.kv_bytes_migrated),
+                  mass, f"{r.decode_tokens_per_s:.1f}", f"{100 * r.agreement:.1f}%",
                   "-" if r.first_divergence is None else str(r.first_divergence), str(r.num_preemptions))
-    Console(width=max(100, Console().width)).print(t)
+    Console(width=max(140, Console().width)).print(t)
+
+
+def _per_tier(d: dict[str, int], fmt=format_bytes) -> str:
+    return ", ".join(f"{k} {fmt(v)}" for k, v in d.items() if v) or "-"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise click.BadParameter(f"'{text}' is not a comma-separated list of integers") from e
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise click.BadParameter(f"'{text}' is not a comma-separated list of numbers") from e
+
+
+@cli.command("eval")
+@click.option("--policy", "specs", multiple=True, metavar="NAME[:K=V,...]",
+              help="a policy and its options, e.g. kcache:top_n=0.1 (repeatable; default: every policy)")
+@click.option("--max-tokens", type=int, default=256, show_default=True, help="greedy tokens per agreement prompt")
+@click.option("--ppl-tokens", type=int, default=8192, show_default=True, help="English tokens for perplexity (0: skip)")
+@click.option("--ppl-window", type=int, default=1024, show_default=True, help="perplexity window (tokens)")
+@click.option("--lengths", default="512,1024,2048,4096", show_default=True,
+              help="retrieval context lengths in tokens ('' skips retrieval)")
+@click.option("--depths", default="0.1,0.5,0.9", show_default=True, help="where the fact is planted")
+@click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
+@engine_options
+def eval_cmd(specs, max_tokens, ppl_tokens, ppl_window, lengths, depths, as_json, **kw):
+    """Accuracy of KV policies against the plain engine: agreement, KL, perplexity, retrieval."""
+    from rich.console import Console
+
+    from kvtier.entrypoints.eval import EvalSettings, evaluate, parse_spec
+    from kvtier.kv.policies import POLICY_REGISTRY
+
+    parsed = [parse_spec(s) for s in specs] or [(n, {}) for n in sorted(POLICY_REGISTRY) if n != "plain"]
+    settings = EvalSettings(max_tokens=max_tokens, ppl_tokens=ppl_tokens, ppl_window=ppl_window,
+                            lengths=_ints(lengths), depths=_floats(depths))
+    console = Console(stderr=True)
+    console.print(f"kvtier eval: plain + {len(parsed)} policies on model {kw['model']}")
+    rows = evaluate(engine_config(kw), parsed, settings,
+                    on_row=lambda r: console.print(f"  {r.label}: done in {r.seconds:.1f} s"))
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
+        return
+    Console(width=max(140, Console().width)).print(_eval_table(rows))
+
+
+def _eval_table(rows):
+    from rich.table import Table
+
+    t = Table(title="KV policy accuracy against the plain engine")
+    for col in ("policy", "agreement", "diverges at", "forced top-1", "KL mean", "KL max", "perplexity",
+                "retrieval"):
+        t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    num = lambda x, f=".4f": "-" if x is None else format(x, f)  # noqa: E731
+    for r in rows:
+        t.add_row(r.label, pct(r.agreement), "-" if r.first_divergence is None else str(r.first_divergence),
+                  pct(r.forced_agreement), num(r.kl_mean), num(r.kl_max), num(r.perplexity, ".3f"),
+                  pct(r.retrieval_accuracy))
+    return t
 
 
 # ---- commands defined in their own modules ----------------------------------------------------
 # (one line each: cli.add_command(module.command))
+cli.add_command(profile)
+cli.add_command(simulate)
 cli.add_command(serve)
 cli.add_command(bench)
 

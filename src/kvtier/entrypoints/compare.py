@@ -1,17 +1,22 @@
 """``kvtier compare``: the same prompts under every KV policy, one row each.
 
-Each row: where the KV bytes lived (peak, per memory tier), decode throughput, and greedy
-agreement with the plain paged cache (share of identical tokens, first divergence).
+Each row: where the KV bytes lived (peak, per memory tier), what attention read from each tier,
+what migrated, decode throughput, and greedy agreement with the plain paged cache (share of
+identical tokens, first divergence).
+
+Unless ``--kv-tiers`` is given, tiered policies get a fast tier of a quarter of the working set the
+plain run needed (KCache: room for all K, V on the host), and the context is sized to the prompts,
+so that placement, migration and swapping actually happen.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from kvtier.config import EngineConfig
 from kvtier.engine.llm_engine import LLMEngine
-from kvtier.kv.policies import POLICY_REGISTRY
+from kvtier.kv.policies import POLICY_REGISTRY, make_policy
 from kvtier.models.loader import LoadedModel
 from kvtier.sampling_params import SamplingParams
 
@@ -43,6 +48,9 @@ class CompareRow:
     first_divergence: int | None  # earliest output position where any prompt differs; None if none
     num_preemptions: int
     seconds: float
+    kv_bytes_read: dict[str, int] = field(default_factory=dict)  # by attention, per memory tier
+    kv_bytes_migrated: int = 0
+    fast_mass_share: float | None = None  # attention mass served from the fast tier (observing policies)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -81,30 +89,60 @@ def compare(base: EngineConfig, policies: list[str] | None = None, prompts: list
     """Run ``prompts`` greedily under each policy (default: all registered) and the plain baseline."""
     prompts = prompts or COMPARE_PROMPTS
     names = policies or sorted(POLICY_REGISTRY, key=lambda n: (n != "plain", n))
-    loaded = None
-    reference = None
-    rows = []
-    for name in (["plain"] if "plain" not in names else []) + names:
-        config = EngineConfig(**{**_fields(base), "kv_policy": name,
-                                 "kv_policy_options": base.kv_policy_options if name == base.kv_policy else {}})
-        engine, outputs, seconds = run_policy(config, loaded, prompts, max_tokens)
-        loaded = engine.loaded
+    plain, reference, seconds = run_policy(_with(base, "plain"), None, prompts, max_tokens)
+    rows = [_row(plain, reference, reference, seconds)] if "plain" in names else []
+    sizing = _sizing(base, plain, max_tokens)
+    for row in rows:
+        on_row and on_row(row)
+    for name in names:
         if name == "plain":
-            reference = outputs
-        if name not in names:
             continue
-        agree, first = agreement(outputs, reference)
-        st = engine.stats
-        rows.append(CompareRow(
-            policy=name, lossless=engine.policy.lossless,
-            kv_bytes_peak={tier: u["peak_bytes"] for tier, u in engine.kv_usage().items()},
-            decode_tokens_per_s=st.decode_only_tokens / st.decode_only_s if st.decode_only_s else 0.0,
-            agreement=agree, first_divergence=first, num_preemptions=engine.scheduler.num_preemptions,
-            seconds=seconds,
-        ))
-        if on_row:
-            on_row(rows[-1])
+        engine, outputs, seconds = run_policy(_with(base, name, sizing), plain.loaded, prompts, max_tokens)
+        rows.append(_row(engine, outputs, reference, seconds))
+        on_row and on_row(rows[-1])
     return rows
+
+
+@dataclass(slots=True)
+class _Sizing:
+    max_model_len: int
+    tiers: str  # for tiered policies
+    kcache_tiers: str  # KCache: the fast tier holds every K (half of each block), V goes to the host
+
+
+def _sizing(base: EngineConfig, plain: LLMEngine, max_tokens: int) -> _Sizing:
+    """A fast tier of 1/4 of the plain run's peak KV blocks (at least one full sequence), a host of
+    twice the working set, the context sized to the longest prompt (unless the user set them)."""
+    bs = base.block_size
+    longest = max(plain.stats.longest_prompt, 1) + max_tokens
+    max_len = base.max_model_len or -(-longest // bs) * bs
+    need, work = -(-max_len // bs), max(plain.stats.peak_blocks_used, 1)
+    host = f"host={2 * work}blocks"
+    return _Sizing(max_len, f"device={max(-(-work // 4), need)}blocks,{host}",
+                   f"device={max(-(-work // 2), need) + 1}blocks,{host}")
+
+
+def _with(base: EngineConfig, name: str, sizing: _Sizing | None = None) -> EngineConfig:
+    """``base`` running policy ``name`` (its options only if the user chose that policy)."""
+    opts = base.kv_policy_options if name == base.kv_policy else {}
+    over = {"kv_policy": name, "kv_policy_options": opts}
+    if sizing is not None and base.kv_tiers is None and len(make_policy(name, opts).memory_tiers) > 1:
+        over["kv_tiers"] = sizing.kcache_tiers if name == "kcache" else sizing.tiers
+        over["max_model_len"] = sizing.max_model_len
+    return EngineConfig(**{**_fields(base), **over})
+
+
+def _row(engine: LLMEngine, outputs, reference, seconds: float) -> CompareRow:
+    agree, first = agreement(outputs, reference)
+    st, kv = engine.stats, engine.kv_stats.totals
+    return CompareRow(
+        policy=engine.policy.name, lossless=engine.policy.lossless,
+        kv_bytes_peak={tier: u["peak_bytes"] for tier, u in engine.kv_usage().items()},
+        decode_tokens_per_s=st.decode_only_tokens / st.decode_only_s if st.decode_only_s else 0.0,
+        agreement=agree, first_divergence=first, num_preemptions=engine.scheduler.num_preemptions,
+        seconds=seconds, kv_bytes_read=dict(kv.bytes_read), kv_bytes_migrated=sum(kv.bytes_migrated_in.values()),
+        fast_mass_share=kv.fast_mass_share,
+    )
 
 
 def _fields(config: EngineConfig) -> dict:

@@ -7,6 +7,7 @@ import json
 import click
 
 from kvtier.config import EngineConfig
+from kvtier.kernels.qlinear import WEIGHT_FORMATS
 
 
 def _kv_pairs(ctx, param, values) -> dict:
@@ -42,6 +43,9 @@ ENGINE_OPTIONS = [
                  help="dummy: random weights for the model's shape"),
     click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                  show_default=True, help="weights and KV dtype (auto: float32 on CPU, bfloat16 on CUDA)"),
+    click.option("--weights", type=click.Choice(list(WEIGHT_FORMATS)), default="float32", show_default=True,
+                 help="weight format of the linear layers: float32 (in --dtype, HF parity), bfloat16, or "
+                      "weight-only int8 / int4 (groups of 32; GGUF Q8_0 / Q4_x tensors load as they are)"),
     click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]"),
     click.option("--max-model-len", type=int, default=None, help="context length (default: the model's)"),
     click.option("--block-size", type=int, default=16, show_default=True, help="tokens per KV block"),
@@ -51,6 +55,13 @@ ENGINE_OPTIONS = [
     click.option("--kv-policy", default="plain", show_default=True, help="where KV blocks live (see compare)"),
     click.option("--kv-policy-option", "kv_policy_options", multiple=True, callback=_kv_pairs,
                  metavar="KEY=VALUE", help="an option of the KV policy (repeatable)"),
+    click.option("--kv-tiers", default=None, metavar="TIER=SIZE,...",
+                 help="KV budget per memory tier, e.g. device=2GiB,host=16GiB,disk=64GiB (or Nblocks); "
+                      "device replaces --kv-cache-memory"),
+    click.option("--kv-disk-dir", default=None, type=click.Path(file_okay=False),
+                 help="directory of the disk tier's memory-mapped file (default: the user cache dir)"),
+    click.option("--trace", "kv_trace", default=None, type=click.Path(dir_okay=False),
+                 help="write the attention mass per step, layer, KV head and block to this JSONL file"),
     click.option("--max-num-seqs", type=int, default=64, show_default=True, help="sequences per step"),
     click.option("--max-num-batched-tokens", type=int, default=1024, show_default=True,
                  help="token budget per step (prefill chunks + decodes)"),

@@ -76,20 +76,28 @@ def paged_decode_attention(
     plan: DecodePlan,
     scale: float,
     return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # out [B, Hq, D] (, lse [B, Hq] float32)
-    """Softmax attention of each query over its sequence's cached keys; with ``return_lse`` also the
-    log-sum-exp of the scores, so partial results over disjoint key sets merge exactly
-    (``merge_attention``): blocks in different memory tiers, or on different devices."""
+    block_lse: bool = False,
+):
+    """Softmax attention of each query over its sequence's cached keys: out [B, Hq, D].
+
+    ``return_lse``: also the log-sum-exp of the scores, lse [B, Hq] float32, so partial results over
+    disjoint key sets merge exactly (``merge_attention``): blocks in different memory tiers, or on
+    different devices. ``block_lse``: also each block's log-sum-exp [B, Hq, W] (-inf past a
+    context), so ``exp(block_lse - lse)`` is the attention mass each block received.
+    """
     fast = _fast(q)
     if fast is not None:
-        out, lse = fast.paged_decode_attention(q, k_cache, v_cache, plan.block_tables, plan.context_lens, scale, 0)
+        res = fast.paged_decode_attention(q, k_cache, v_cache, plan.block_tables, plan.context_lens, scale, 0,
+                                          block_lse)
     else:
-        out, lse = paged_decode_attention_reference(q, k_cache, v_cache, plan, scale)
-    return (out, lse) if return_lse else out
+        res = paged_decode_attention_reference(q, k_cache, v_cache, plan, scale, block_lse)
+    if block_lse:
+        return tuple(res)
+    return (res[0], res[1]) if return_lse else res[0]
 
 
-def paged_decode_attention_reference(q, k_cache, v_cache, plan: DecodePlan, scale: float
-                                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def paged_decode_attention_reference(q, k_cache, v_cache, plan: DecodePlan, scale: float, block_lse: bool = False
+                                     ) -> tuple[torch.Tensor, ...]:
     b, hq, d = q.shape
     nb, hkv, bs, _ = k_cache.shape
     gather, invalid = plan.reference_index(hkv, bs)
@@ -100,8 +108,12 @@ def paged_decode_attention_reference(q, k_cache, v_cache, plan: DecodePlan, scal
     s = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)  # [B, Hkv, G, T]
     s.masked_fill_(invalid, float("-inf"))
     lse = torch.logsumexp(s.float(), dim=-1)  # [B, Hkv, G]
-    p = torch.softmax(s, dim=-1)
-    return torch.matmul(p, v).view(b, hq, d), lse.view(b, hq)
+    p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # a sequence with no keys here: zeros, lse -inf
+    out = torch.matmul(p, v).view(b, hq, d), lse.view(b, hq)
+    if not block_lse:
+        return out
+    blocks = torch.logsumexp(s.float().view(b, hkv, hq // hkv, -1, bs), dim=-1)  # [B, Hkv, G, W]
+    return (*out, blocks.view(b, hq, -1))
 
 
 def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,13 +39,16 @@ class BlockPool:
             assert self.ref_counts[b] > 0, f"block {b} is free and cannot be shared"
             self.ref_counts[b] += 1
 
-    def free(self, ids: list[int]) -> None:
-        """Drop one reference to each block; blocks nobody holds go back to the pool."""
+    def free(self, ids: list[int]) -> list[int]:
+        """Drop one reference to each block; blocks nobody holds go back to the pool (returned)."""
+        freed = []
         for b in ids:
             assert self.ref_counts[b] > 0, f"block {b} freed twice"
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
                 self._free.append(b)
+                freed.append(b)
+        return freed
 
     def check(self) -> None:
         """Invariant: free list and zero ref counts describe the same set, with no duplicates."""

@@ -1,24 +1,39 @@
-"""The paged KV cache as the model sees it: write the new K/V, attend over a step's batch.
+"""The paged KV cache as the model sees it: write the new K/V, attend over a step's batch, wherever
+the blocks live.
 
-A step's flat batch puts decode tokens first (one per sequence), then prefill chunks. Decode
-attention runs batched over block tables; each prefill chunk attends to its sequence's cached
-prefix plus itself, causally.
+Blocks are spread over storage targets (memory tiers); ``prepare`` turns a step's block tables
+(logical ids) into per-target slot tables once, and every layer then writes each new token into its
+block's target and runs decode attention per target, merging the partial results by log-sum-exp:
+exact, so lossless policies give the plain engine's tokens. A step's flat batch puts decode tokens
+first (one per sequence), then prefill chunks, each attending to its sequence's cached prefix plus
+itself, causally. When asked, decode attention also reports the attention mass of every block.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from kvtier.kernels.attention import (
-    DecodePlan,
-    gather_sequence,
-    paged_decode_attention,
-    prefill_attention,
-    write_kv,
-)
+from kvtier.kernels.attention import DecodePlan, merge_attention, paged_decode_attention, prefill_attention, write_kv
+from kvtier.kv.placement import BlockPlacement, Move
 from kvtier.kv.storage import KVStorage
+
+
+@dataclass(slots=True)
+class TargetWrite:
+    target: int
+    rows: torch.Tensor | None  # rows of the flat batch going to this target (None: all of them)
+    slots: torch.Tensor  # [n] slot of each row's block
+    offsets: torch.Tensor  # [n] position in the block
+
+
+@dataclass(slots=True)
+class TargetDecode:
+    target: int
+    plan: DecodePlan  # slot tables [B, W_t] and token counts [B] of the blocks in this target
+    blocks: np.ndarray  # [B, W_t] logical ids of those blocks (-1: padding)
 
 
 @dataclass(slots=True)
@@ -26,23 +41,120 @@ class PrefillSpan:
     start_token: int  # first token of the chunk in the flat batch
     num_tokens: int
     start_pos: int  # tokens of this sequence already in the cache
-    block_table: torch.Tensor  # [nb] blocks covering start_pos + num_tokens
+    blocks: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # with a cached prefix: where the blocks of prefix and chunk are, (target, slots, table positions)
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    blocks: torch.Tensor  # [T] block id of each new token
-    offsets: torch.Tensor  # [T] slot of each new token in its block
+    writes: list[TargetWrite]
     num_decode: int = 0
-    decode_plan: DecodePlan | None = None
+    decodes: list[TargetDecode] = field(default_factory=list)
     prefills: list[PrefillSpan] = field(default_factory=list)
+    observe: bool = False  # accumulate each block's attention mass
 
 
-class PagedKVCache:
-    def __init__(self, storage: KVStorage, scale: float):
-        self.storage = storage
+@dataclass(slots=True)
+class StepObservation:
+    """Attention mass per logical block, summed over layers, KV heads and query heads, plus the
+    per-layer, per-KV-head detail when a trace is recorded."""
+
+    mass: torch.Tensor  # [num_blocks] float32
+    layers: list | None = None  # per layer: list of (blocks [B, W_t], mass [B, Hkv, W_t]) per target
+
+
+class TieredKVCache:
+    def __init__(self, storages: list[KVStorage], placement: BlockPlacement, policy, scale: float,
+                 block_size: int, device: torch.device):
+        self.storages = storages
+        self.placement = placement
+        self.policy = policy
         self.scale = scale
+        self.block_size = block_size
+        self.device = device
+        self.obs: StepObservation | None = None
+        self.trace_layers = False
+        self.tokens_read: dict[int, int] = {}  # this step: cached tokens attention reads, per target
+        self.v_rows_read = 0  # this step, KCache: V rows read (per layer and KV head)
 
+    # ---- step planning ----------------------------------------------------------------------------
+    def prepare(self, decodes: list[tuple[list[int], int]], prefills: list[tuple[list[int], int, int]],
+                observe: bool = False) -> AttentionMetadata:
+        """``decodes``: (block table, tokens after this step) per decode sequence; ``prefills``:
+        (block table, tokens already cached, chunk length) per prefill chunk, in flat batch order."""
+        blocks, offsets = self._token_blocks(decodes, prefills)
+        meta = AttentionMetadata(self._writes(blocks, offsets), len(decodes), observe=observe)
+        self.tokens_read, self.v_rows_read = {}, 0
+        if decodes:
+            meta.decodes = self._decode_plans(decodes)
+            for d in meta.decodes:
+                self._count(d.target, int(d.plan.context_lens.sum()))
+        start = len(decodes)
+        for table, cached, n in prefills:
+            meta.prefills.append(PrefillSpan(start, n, cached, self._blocks_of(table, cached + n) if cached else []))
+            for t, _, pos in meta.prefills[-1].blocks:
+                self._count(t, len(pos) * self.block_size)
+            start += n
+        if observe:
+            self.obs = StepObservation(torch.zeros(len(self.placement.target_of), device=self.device),
+                                       [] if self.trace_layers else None)
+        return meta
+
+    def _count(self, target: int, tokens: int) -> None:
+        self.tokens_read[target] = self.tokens_read.get(target, 0) + tokens
+
+    def _token_blocks(self, decodes, prefills) -> tuple[np.ndarray, np.ndarray]:
+        bs = self.block_size
+        blocks = [table[(ctx - 1) // bs] for table, ctx in decodes]
+        pos = [ctx - 1 for _, ctx in decodes]
+        for table, cached, n in prefills:
+            blocks += [table[p // bs] for p in range(cached, cached + n)]
+            pos += range(cached, cached + n)
+        return np.asarray(blocks, dtype=np.int64), np.asarray(pos, dtype=np.int64) % bs
+
+    def _writes(self, blocks: np.ndarray, offsets: np.ndarray) -> list[TargetWrite]:
+        pl = self.placement
+        targets, slots = pl.target_of[blocks], pl.slot_of[blocks]
+        out = []
+        for t in np.unique(targets):
+            rows = np.nonzero(targets == t)[0]
+            whole = len(rows) == len(blocks)
+            out.append(TargetWrite(int(t), None if whole else self._t(rows), self._t(slots[rows]),
+                                   self._t(offsets[rows])))
+        return out
+
+    def _decode_plans(self, decodes) -> list[TargetDecode]:
+        pl, bs = self.placement, self.block_size
+        width = max(len(t) for t, _ in decodes)
+        table = np.full((len(decodes), width), -1, dtype=np.int64)
+        for i, (t, _) in enumerate(decodes):
+            table[i, : len(t)] = t
+        valid = table >= 0
+        tgt = np.where(valid, pl.target_of[np.maximum(table, 0)], -1)
+        ctx = np.asarray([c for _, c in decodes], dtype=np.int64)
+        last_len = (ctx - 1) % bs + 1
+        last_tgt = tgt[np.arange(len(decodes)), (ctx - 1) // bs]
+        plans = []
+        for t in np.unique(tgt[valid]):
+            mine = tgt == t
+            count = mine.sum(1)
+            order = np.argsort(~mine, axis=1, kind="stable")[:, : count.max()]  # this target's blocks, in order
+            ids = np.take_along_axis(table, order, 1)
+            ids[np.arange(ids.shape[1])[None, :] >= count[:, None]] = -1
+            slots = np.where(ids >= 0, pl.slot_of[np.maximum(ids, 0)], 0)
+            tokens = count * bs - np.where(last_tgt == t, bs - last_len, 0)
+            plans.append(TargetDecode(int(t), DecodePlan(self._t(slots), self._t(tokens)), ids))
+        return plans
+
+    def _blocks_of(self, table: list[int], tokens: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        ids = np.asarray(table[: -(-tokens // self.block_size)], dtype=np.int64)
+        tgt, slots = self.placement.target_of[ids], self.placement.slot_of[ids]
+        return [(int(t), self._t(slots[tgt == t]), self._t(np.nonzero(tgt == t)[0])) for t in np.unique(tgt)]
+
+    def _t(self, a) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a, dtype=np.int64), device=self.device)
+
+    # ---- the layers' view ---------------------------------------------------------------------
     def attend(
         self,
         layer: int,
@@ -51,21 +163,97 @@ class PagedKVCache:
         v: torch.Tensor,  # [T, Hkv, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, Hq, D]
-        k_cache, v_cache = self.storage.layer(layer)
-        write_kv(k_cache, v_cache, k, v, meta.blocks, meta.offsets)
+        for w in meta.writes:
+            k_cache, v_cache = self.storages[w.target].layer(layer)
+            kk, vv = (k, v) if w.rows is None else (k[w.rows], v[w.rows])
+            dev = k_cache.device
+            write_kv(k_cache, v_cache, kk.to(dev), vv.to(dev), w.slots.to(dev), w.offsets.to(dev))
         nd = meta.num_decode
         if nd and not meta.prefills:
-            return paged_decode_attention(q, k_cache, v_cache, meta.decode_plan, self.scale)
+            return self._decode(layer, q, meta)
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_plan, self.scale)
+            out[:nd] = self._decode(layer, q[:nd], meta)
         for span in meta.prefills:
             s, e = span.start_token, span.start_token + span.num_tokens
             if span.start_pos == 0:
                 kk, vv = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
             else:
-                total = span.start_pos + span.num_tokens
-                kk = gather_sequence(k_cache, span.block_table, total)
-                vv = gather_sequence(v_cache, span.block_table, total)
+                kk, vv = self._gather_prefix(layer, span)
             out[s:e] = prefill_attention(q[s:e], kk, vv, self.scale)
         return out
+
+    def _decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # [B, Hq, D]
+        parts = [self._decode_target(layer, q, d, meta.observe) for d in meta.decodes]
+        out, lse = (parts[0][0], parts[0][1]) if len(parts) == 1 else merge_attention([p[:2] for p in parts])
+        if meta.observe:
+            self._observe(meta, lse, [p[2] for p in parts])
+        return out
+
+    def _decode_target(self, layer: int, q: torch.Tensor, d: TargetDecode, observe: bool) -> tuple:
+        """(out, lse, block_lse or None) over one target's blocks, computed where the K lives
+        (a host target on a GPU machine: CPU attention, NEO-style), returned on q's device."""
+        k_cache, v_cache = self.storages[d.target].layer(layer)
+        dev = k_cache.device
+        qd, plan = q.to(dev), d.plan if dev == self.device else _plan_to(d.plan, dev)
+        special = getattr(self.policy, "decode_attention", None)
+        res = special(layer, qd, k_cache, v_cache, plan, self.scale) if special else None
+        if res is not None:  # a policy's own attention (KCache)
+            self.v_rows_read += int((res.selected >= 0).sum())
+            return res.out.to(q.device), res.lse.to(q.device), None
+        res = paged_decode_attention(qd, k_cache, v_cache, plan, self.scale, return_lse=True, block_lse=observe)
+        res = [r.to(q.device) for r in res]
+        return res[0], res[1], res[2] if observe else None
+
+    def _observe(self, meta: AttentionMetadata, lse: torch.Tensor, block_lses: list) -> None:
+        obs, detail = self.obs, []
+        for d, blse in zip(meta.decodes, block_lses, strict=True):
+            if blse is None:
+                continue
+            b, hq, w = blse.shape
+            hkv = self.storages[d.target].layout.num_kv_heads
+            mass = torch.exp(blse - lse[..., None]).view(b, hkv, hq // hkv, w).sum(2)  # [B, Hkv, W_t]
+            ids = torch.as_tensor(d.blocks, device=mass.device)
+            keep = ids >= 0
+            obs.mass.index_add_(0, ids[keep], mass.sum(1)[keep])
+            detail.append((d.blocks, mass))
+        if obs.layers is not None:
+            obs.layers.append(detail)
+
+    def _gather_prefix(self, layer: int, span: PrefillSpan) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached prefix and the new chunk (already written) of one sequence: K, V [Hkv, start+n, D]."""
+        n_blocks = sum(len(pos) for _, _, pos in span.blocks)
+        ref = self.storages[span.blocks[0][0]].layer(layer)[0]
+        k = ref.new_empty((n_blocks, *ref.shape[1:]), device=self.device)  # [nb, Hkv, bs, D]
+        v = torch.empty_like(k)
+        for t, slots, pos in span.blocks:
+            kc, vc = self.storages[t].layer(layer)
+            k[pos], v[pos] = kc[slots.to(kc.device)].to(self.device), vc[slots.to(vc.device)].to(self.device)
+        total = span.start_pos + span.num_tokens
+        hkv, d = k.shape[1], k.shape[3]
+        return (k.transpose(0, 1).reshape(hkv, -1, d)[:, :total], v.transpose(0, 1).reshape(hkv, -1, d)[:, :total])
+
+    # ---- block moves and new blocks -------------------------------------------------------------
+    def move(self, moves: list[Move]) -> None:
+        """Copy migrated blocks (all layers, K and V), batched per (source, destination) pair. Every
+        source is read before any destination is written: a batch may demote a block out of the very
+        slot that a promoted block then takes."""
+        assert len({m.block for m in moves}) == len(moves), "a block moved twice in one batch"
+        pairs: dict[tuple[int, int], list[Move]] = {}
+        for m in moves:
+            pairs.setdefault((m.src, m.dst), []).append(m)
+        gathered = [(dst, ms, self.storages[src].gather(self._t([m.src_slot for m in ms])))
+                    for (src, dst), ms in pairs.items()]
+        for dst, ms, (k, v) in gathered:
+            self.storages[dst].scatter(self._t([m.dst_slot for m in ms]), k, v)
+
+    def zero_new(self, blocks: list[int]) -> None:
+        """Clear freshly allocated blocks so attention never reads stale bits past a context."""
+        ids = np.asarray(blocks, dtype=np.int64)
+        tgt, slots = self.placement.target_of[ids], self.placement.slot_of[ids]
+        for t in np.unique(tgt):
+            self.storages[int(t)].zero(self._t(slots[tgt == t]))
+
+
+def _plan_to(plan: DecodePlan, device: torch.device) -> DecodePlan:
+    return DecodePlan(plan.block_tables.to(device), plan.context_lens.to(device))

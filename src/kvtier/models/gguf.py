@@ -71,14 +71,22 @@ def _reader(path: Path):
                              "the file is corrupt or truncated; download it again") from e
 
 
+def _arch_heads(reader, path: Path) -> tuple[str, int, int]:
+    """The architecture and its query / KV head counts (for undoing the Q/K row permutation)."""
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise ModelLoadError(f"unsupported architecture {arch!r} in {path}",
+                             f"kvtier runs the llama family (GGUF archs: {', '.join(GGUF_ARCHS)})")
+    n_head = int(_field(reader, f"{arch}.attention.head_count"))
+    return arch, n_head, int(_field(reader, f"{arch}.attention.head_count_kv") or n_head)
+
+
 def _field(reader, key: str):
     f = reader.fields.get(key)
     return None if f is None else f.contents()
 
 
 def _dequantize(reader, arch: str, n_head: int, n_kv: int, path: Path) -> dict[str, torch.Tensor]:
-    import gguf
-
     out = {}
     for t in progress_bar(reader.tensors, f"dequantizing {path.name} (first load only)"):
         name = hf_name(t.name)
@@ -86,16 +94,90 @@ def _dequantize(reader, arch: str, n_head: int, n_kv: int, path: Path) -> dict[s
             if t.name in SKIPPED_TENSORS:
                 continue
             raise ModelLoadError(f"unexpected tensor {t.name} in {path}", f"supported GGUF archs: {list(GGUF_ARCHS)}")
-        try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise ModelLoadError(f"GGUF tensor type {t.tensor_type.name} of {t.name} is not supported",
-                                 "use a file quantized as F32/F16/BF16/Q8_0/Q4_0/Q4_1 or a K-quant") from e
-        if GGUF_ARCHS[arch] and ".attn_q." in t.name:
-            w = unpermute(w, n_head)
-        elif GGUF_ARCHS[arch] and ".attn_k." in t.name:
-            w = unpermute(w, n_kv)
+        w = _unpermute_qk(t.name, _dequantize_tensor(t), arch, n_head, n_kv)
         out[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # a writable copy
+    return out
+
+
+def _dequantize_tensor(t) -> np.ndarray:
+    import gguf
+
+    try:
+        return gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError as e:
+        raise ModelLoadError(f"GGUF tensor type {t.tensor_type.name} of {t.name} is not supported",
+                             f"use a file quantized as {'/'.join(DIRECT_TYPES)} or a K-quant") from e
+
+
+def _unpermute_qk(name: str, w: np.ndarray, arch: str, n_head: int, n_kv: int) -> np.ndarray:
+    """Rows of Q and K back to HF's order (works on float rows and on quantized codes/scales alike)."""
+    if GGUF_ARCHS[arch] and ".attn_q." in name:
+        return unpermute(w, n_head)
+    if GGUF_ARCHS[arch] and ".attn_k." in name:
+        return unpermute(w, n_kv)
+    return w
+
+
+# ---- direct loading: quantized tensors kept as they are stored ------------------------------------------------
+
+DIRECT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")  # read without going through float32
+
+
+def _blocks(t, size: int) -> np.ndarray:  # [rows, bytes] -> [rows, blocks, size] uint8
+    data = np.ascontiguousarray(t.data).view(np.uint8)
+    return data.reshape(data.shape[0], -1, size)
+
+
+def _halves(b: np.ndarray) -> np.ndarray:  # [rows, blocks, 2] uint8 -> [rows, blocks] float16
+    return np.ascontiguousarray(b).view(np.float16)[..., 0]
+
+
+def _q4_codes(qs: np.ndarray) -> np.ndarray:  # [rows, blocks, 16] -> [rows, blocks * 32]: low nibbles first
+    return np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(qs.shape[0], -1)
+
+
+def quantized_parts(t) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """(bits, codes [N, K], scales [N, K/32] float16, mins or None) of a Q8_0/Q4_0/Q4_1 tensor, else None.
+
+    Block layouts (ggml): Q8_0 = d, qs[32] int8 (w = d q); Q4_0 = d, qs[16] (w = d (q - 8));
+    Q4_1 = d, m, qs[16] (w = d q + m); a byte of qs holds element j (low nibble) and j + 16 (high)."""
+    kind = t.tensor_type.name
+    if kind == "Q8_0":
+        b = _blocks(t, 34)
+        return 8, b[..., 2:].reshape(b.shape[0], -1).view(np.int8), _halves(b[..., :2]), None
+    if kind == "Q4_0":
+        b = _blocks(t, 18)
+        d = _halves(b[..., :2])
+        return 4, _q4_codes(b[..., 2:]), d, (d * np.float16(-8)).astype(np.float16)
+    if kind == "Q4_1":
+        b = _blocks(t, 20)
+        return 4, _q4_codes(b[..., 4:]), _halves(b[..., :2]), _halves(b[..., 2:4])
+    return None
+
+
+def read_gguf_tensors(path: Path) -> dict:
+    """Every tensor by HF name: Q8_0 / Q4_0 / Q4_1 as ``QuantizedWeight`` (no float32 detour), float types
+    as float32 tensors, other quantizations dequantized by the gguf library (K-quants)."""
+    from kvtier.kernels.qlinear import QuantizedWeight
+
+    reader = _reader(path)
+    arch, n_head, n_kv = _arch_heads(reader, path)
+    out = {}
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            if t.name in SKIPPED_TENSORS:
+                continue
+            raise ModelLoadError(f"unexpected tensor {t.name} in {path}", f"supported GGUF archs: {list(GGUF_ARCHS)}")
+        parts = quantized_parts(t)
+        if parts is None:
+            w = _unpermute_qk(t.name, _dequantize_tensor(t), arch, n_head, n_kv)
+            out[name] = torch.from_numpy(np.array(w, dtype=np.float32))
+            continue
+        bits, *arrays = parts
+        arrays = [None if a is None else torch.from_numpy(np.array(_unpermute_qk(t.name, a, arch, n_head, n_kv)))
+                  for a in arrays]
+        out[name] = QuantizedWeight(bits, *arrays)
     return out
 
 
@@ -128,12 +210,7 @@ def gguf_to_hf_folder(path: Path) -> Path:
     if (target / "model.safetensors").is_file():
         return target
     reader = _reader(path)
-    arch = _field(reader, "general.architecture")
-    if arch not in GGUF_ARCHS:
-        raise ModelLoadError(f"unsupported architecture {arch!r} in {path}",
-                             f"kvtier runs the llama family (GGUF archs: {', '.join(GGUF_ARCHS)})")
-    n_head = int(_field(reader, f"{arch}.attention.head_count"))
-    n_kv = int(_field(reader, f"{arch}.attention.head_count_kv") or n_head)
+    arch, n_head, n_kv = _arch_heads(reader, path)
     tensors = _dequantize(reader, arch, n_head, n_kv, path)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:

@@ -13,13 +13,16 @@ import torch.nn.functional as F
 
 from kvtier.kernels import ops
 from kvtier.kernels.linear import linear, pack_weight, packed_linear
-from kvtier.kv.cache import AttentionMetadata, PagedKVCache
+from kvtier.kernels.qlinear import BF16Linear, IntLinear, QuantizedWeight
+from kvtier.kv.cache import AttentionMetadata, TieredKVCache
 from kvtier.models.config import ModelConfig
+from kvtier.models.weight_formats import HEAD_FORMAT, cat_weights
 
 
 class Linear:
     """``y = x @ W^T + b``. On CPU a oneDNN-packed copy of the weight serves batches of two rows or
-    more; one row streams the plain weight (GEMV). Weight formats (int8, int4...) subclass this."""
+    more; one row streams the plain weight (GEMV). The other weight formats (``kernels/qlinear.py``)
+    have the same interface: ``__call__``, ``rows`` (embedding lookup), ``nbytes``."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True):
         self.out_features, self.in_features = weight.shape  # weight: [out, in]
@@ -33,6 +36,19 @@ class Linear:
             return packed_linear(x, self.packed, self.bias)
         return linear(x, self.weight, self.bias)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [T] -> [T, in]
+        return F.embedding(ids, self.weight)
+
+
+def make_linear(w: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None, fmt: str, pack: bool = True):
+    """The layer for a weight already in format ``fmt`` (``models/weight_formats.py``)."""
+    if fmt == "float32":
+        return Linear(w, bias, pack)
+    if fmt == "bfloat16":
+        return BF16Linear(w, bias)
+    assert isinstance(w, QuantizedWeight), f"{fmt} weights arrive quantized"
+    return IntLinear(w, bias)
+
 
 @dataclass(slots=True)
 class LayerWeights:
@@ -45,19 +61,27 @@ class LayerWeights:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+    def __init__(self, cfg: ModelConfig, weights: dict, weight_format: str = "float32"):
+        """``weights``: by HF name, already in ``weight_format`` (``models/weight_formats.py``)."""
         self.cfg = cfg
-        self.embed = weights.pop("model.embed_tokens.weight")  # [V, H]
+        self.weight_format = weight_format
+        embed = weights.pop("model.embed_tokens.weight")  # [V, H]
         self.norm = weights.pop("model.norm.weight")
+        self.dtype, self.device = self.norm.dtype, self.norm.device  # activations: the float weights' dtype
         head = weights.pop("lm_head.weight", None)
-        self.lm_head = Linear(self.embed if head is None or cfg.tie_word_embeddings else head)
+        head_format = HEAD_FORMAT[weight_format]
+        if head is None or cfg.tie_word_embeddings:
+            self.lm_head = self.embedding = make_linear(embed, None, head_format)
+        else:
+            self.lm_head = make_linear(head, None, head_format)
+            self.embedding = make_linear(embed, None, head_format, pack=False)
         self.layers = [self._layer(weights, i) for i in range(cfg.num_layers)]
         assert not weights, f"unused weights: {sorted(weights)[:5]}"
         inv_freq, scaling = cfg.rope_inv_freq()
         pos = torch.arange(cfg.max_position_embeddings, dtype=torch.float)
         freqs = pos[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
-        dtype, device = self.embed.dtype, self.embed.device
+        dtype, device = self.dtype, self.device
         self.cos = (emb.cos() * scaling).to(dtype=dtype, device=device)
         sin = emb.sin() * scaling
         half = sin.shape[-1] // 2
@@ -65,27 +89,20 @@ class LlamaModel:
 
     def _layer(self, w: dict[str, torch.Tensor], i: int) -> LayerWeights:
         p = f"model.layers.{i}."
-        qkv_w = torch.cat([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        fmt = self.weight_format
+        qkv_w = cat_weights([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
         qkv_b = None
         if self.cfg.qkv_bias:
             qkv_b = torch.cat([w.pop(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-        gate_up = torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])
+        gate_up = cat_weights([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])
         return LayerWeights(
             input_norm=w.pop(p + "input_layernorm.weight"),
-            qkv=Linear(qkv_w, qkv_b),
-            o=Linear(w.pop(p + "self_attn.o_proj.weight"), w.pop(p + "self_attn.o_proj.bias", None)),
+            qkv=make_linear(qkv_w, qkv_b, fmt),
+            o=make_linear(w.pop(p + "self_attn.o_proj.weight"), w.pop(p + "self_attn.o_proj.bias", None), fmt),
             post_norm=w.pop(p + "post_attention_layernorm.weight"),
-            gate_up=Linear(gate_up),
-            down=Linear(w.pop(p + "mlp.down_proj.weight")),
+            gate_up=make_linear(gate_up, None, fmt),
+            down=make_linear(w.pop(p + "mlp.down_proj.weight"), None, fmt),
         )
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.device
 
     def weight_bytes_per_step(self) -> int:
         """Bytes of weights a decode step reads: every layer, the final norm and the LM head rows."""
@@ -97,11 +114,11 @@ class LlamaModel:
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        kv: PagedKVCache,
+        kv: TieredKVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, H] after the final norm
         eps = self.cfg.rms_norm_eps
-        h = F.embedding(input_ids, self.embed)  # [T, H] residual stream
+        h = self.embedding.rows(input_ids).to(self.dtype)  # [T, H] residual stream
         x = ops.rms_norm(h, self.layers[0].input_norm, eps)
         for i, layer in enumerate(self.layers):
             h, x = ops.add_rms_norm(h, self._attention(i, layer, x, positions, kv, meta), layer.post_norm, eps)
@@ -110,7 +127,7 @@ class LlamaModel:
             h, x = ops.add_rms_norm(h, out, norm, eps)
         return x
 
-    def _attention(self, i, layer: LayerWeights, x, positions, kv: PagedKVCache, meta) -> torch.Tensor:
+    def _attention(self, i, layer: LayerWeights, x, positions, kv: TieredKVCache, meta) -> torch.Tensor:
         cfg, t = self.cfg, x.shape[0]
         qkv = layer.qkv(x)  # [T, (Hq + 2 Hkv) * D]
         qk = ops.rope_(qkv[:, : cfg.q_size + cfg.kv_size].view(t, -1, cfg.head_dim), self.cos, self.sin_signed,

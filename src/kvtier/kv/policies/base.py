@@ -1,10 +1,15 @@
 """The KV policy interface and its registry (kvpress-style: a small dataclass per method).
 
-A policy answers three questions, each a hook the engine and the simulator call:
-- ``place(block_ids)``: which memory tier new blocks go to;
-- ``before_step(batch)``: which blocks to migrate before the step runs;
-- ``observe(layer, ...)``: what to learn from the attention just computed.
-The plain paged cache answers them trivially; tiered, KCache and quantized policies build on it.
+A policy decides where KV blocks live, through hooks that the engine and the simulator both call
+(one decision logic, two executors), all on ``BlockPlacement`` bookkeeping, never on tensors:
+
+- ``targets``: the storage targets it uses (slots per target, memory tier of K and of V);
+- ``place``: which target each newly allocated block goes to;
+- ``before_step``: which blocks to migrate before a step runs;
+- ``observe``: what to learn from the attention mass each block just received;
+- ``preemption``: ``"recompute"`` (free the blocks) or ``"swap"`` (park them in a slower target).
+
+The plain paged cache answers them trivially; see ``static``, ``swap``, ``dynamic``, ``kcache``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+import numpy as np
+
 from kvtier.errors import ConfigError
+from kvtier.kv.placement import BlockPlacement, Target
 
 POLICY_REGISTRY: dict[str, type[KVPolicy]] = {}
 
@@ -22,19 +30,38 @@ class KVPolicy:
     name: ClassVar[str]
     description: ClassVar[str]
     lossless: ClassVar[bool] = True  # greedy output must equal the plain engine's
+    preemption: ClassVar[str] = "recompute"
+    observes_attention: ClassVar[bool] = False  # wants per-block attention mass after each step
+    memory_tiers: ClassVar[tuple[str, ...]] = ("device",)  # tiers whose budgets it uses, fastest first
 
-    def tiers(self) -> list[str]:
-        """Memory tiers this policy uses, fastest first."""
-        return ["device"]
+    def targets(self, slots: dict[str, int], part_slots: dict[str, int]) -> list[Target]:
+        """Storage targets, fastest first. ``slots[tier]``: whole blocks (K and V) the tier's budget
+        holds; ``part_slots[tier]``: K-only or V-only halves it holds."""
+        return [Target(t, slots[t], t, t) for t in self.memory_tiers if slots.get(t)]
 
-    def place(self, block_ids: list[int]) -> None:
-        """New blocks were allocated; choose their tier."""
+    def running_capacity(self, targets: list[Target]) -> int:
+        """Blocks that running sequences can hold at once (one sequence must fit: checked at start)."""
+        return sum(t.num_slots for t in targets)
 
-    def before_step(self, batch) -> None:
-        """Plan migrations for the coming step."""
+    def allocatable(self, pl: BlockPlacement) -> int:
+        """New blocks that can be placed right now."""
+        return pl.total_free()
 
-    def observe(self, layer: int, attention) -> None:
-        """Learn from the attention of the step just run."""
+    def place(self, blocks: list[int], pl: BlockPlacement) -> None:
+        """Assign new blocks: by default to the fastest target with a free slot."""
+        for b in blocks:
+            pl.assign(b, next(t for t in range(len(pl.targets)) if pl.num_free(t)))
+
+    def before_step(self, running: list[list[int]], pl: BlockPlacement) -> list[tuple[int, int]]:
+        """Migrations (block, destination target) to make before the step over ``running`` tables."""
+        return []
+
+    def observe(self, blocks: np.ndarray, mass: np.ndarray) -> None:
+        """Attention mass ``mass[i]`` that block ``blocks[i]`` received in the step just run (summed over
+        layers, KV heads and queries)."""
+
+    def forget(self, blocks: list[int]) -> None:
+        """These blocks were freed."""
 
 
 def register_policy(cls: type[KVPolicy]) -> type[KVPolicy]:
@@ -52,4 +79,8 @@ def make_policy(name: str, options: dict | None = None) -> KVPolicy:
     if unknown:
         hint = f"options of {name}: {', '.join(sorted(allowed))}" if allowed else f"{name} takes no options"
         raise ConfigError(f"unknown option(s) {', '.join(unknown)} for KV policy '{name}'", hint)
-    return cls(**(options or {}))
+    try:
+        return cls(**(options or {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad options for KV policy '{name}': {e}", f"options of {name}: {', '.join(allowed)}") \
+            from e

@@ -1,4 +1,4 @@
-"""The plain paged KV cache: every block in one tier (the device's memory). The baseline."""
+"""The plain paged KV cache: every block in device memory. The baseline every policy is held to."""
 
 from __future__ import annotations
 
