@@ -25,17 +25,23 @@ def _composition(log):
             for e in log]
 
 
-@pytest.mark.parametrize("blocks, budget", [(400, 64), (8, 32)])  # roomy; a pool that forces preemption
-def test_same_step_decisions_as_the_engine(blocks, budget):
-    cfg = tiny_config(num_kv_blocks=blocks, block_size=8, max_num_seqs=4, max_num_batched_tokens=budget,
-                      max_model_len=64)
-    specs = [RequestSpec(str(i), 0.0, 5 + 3 * i, 10 + 4 * i) for i in range(6)]
+def run_engine(cfg, specs) -> LLMEngine:
+    """The real engine on the same requests the simulator gets (all arrive at once)."""
     engine = LLMEngine(cfg, log_steps=True)
     for s in specs:
         engine.add_request(s.request_id, None, SamplingParams(max_tokens=s.output_len, ignore_eos=True),
                            [7] * s.prompt_len)
     while engine.has_unfinished_requests():
         engine.step()
+    return engine
+
+
+@pytest.mark.parametrize("blocks, budget", [(400, 64), (8, 32)])  # roomy; a pool that forces preemption
+def test_same_step_decisions_as_the_engine(blocks, budget):
+    cfg = tiny_config(num_kv_blocks=blocks, block_size=8, max_num_seqs=4, max_num_batched_tokens=budget,
+                      max_model_len=64)
+    specs = [RequestSpec(str(i), 0.0, 5 + 3 * i, 10 + 4 * i) for i in range(6)]
+    engine = run_engine(cfg, specs)
     sim = ServingSimulator(cfg, H100, log_steps=True)
     assert isinstance(sim.scheduler, Scheduler)
     result = sim.run(specs)
@@ -119,12 +125,7 @@ def test_same_step_decisions_as_the_engine_under_swapping():
     cfg = tiny_config(kv_policy="swap", kv_tiers="device=8blocks,host=64blocks", block_size=8, max_num_seqs=4,
                       max_num_batched_tokens=32, max_model_len=64)
     specs = [RequestSpec(str(i), 0.0, 5 + 3 * i, 10 + 4 * i) for i in range(6)]
-    engine = LLMEngine(cfg, log_steps=True)
-    for s in specs:
-        engine.add_request(s.request_id, None, SamplingParams(max_tokens=s.output_len, ignore_eos=True),
-                           [7] * s.prompt_len)
-    while engine.has_unfinished_requests():
-        engine.step()
+    engine = run_engine(cfg, specs)
     sim = ServingSimulator(cfg, H100, log_steps=True)
     result = sim.run(specs)
     assert _composition(result.step_log) == _composition(engine.stats.step_log)

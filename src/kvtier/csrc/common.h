@@ -11,6 +11,11 @@
 #include <limits>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define KV_X86 1
+#endif
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define KV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -18,6 +23,21 @@
 #endif
 
 namespace kvtier {
+
+// AVX2 with FMA and F16C, asked of the CPU at run time (the fast paths are compiled for it with
+// target attributes, so the module still loads on CPUs without it).
+inline bool has_avx2() {
+#ifdef KV_X86
+  __builtin_cpu_init();
+#if defined(__clang__)  // every AVX2 CPU has F16C; clang may not know the "f16c" feature name
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+#else
+  return false;
+#endif
+}
 
 inline float to_f(float x) { return x; }
 inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }

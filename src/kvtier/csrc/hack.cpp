@@ -16,10 +16,6 @@
 #include <string>
 #include <unordered_map>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define KV_X86 1
-#endif
 
 namespace {
 
@@ -408,16 +404,6 @@ struct Isa {
 const Isa kGeneric{"generic", prepare_generic, dot_generic, meta_generic, softmax_generic};
 #ifdef KV_X86
 const Isa kAvx2{"avx2", prepare_avx2, dot_avx2, meta_avx2, softmax_avx2};
-bool has_avx2() {
-  __builtin_cpu_init();
-#if defined(__clang__)  // every AVX2 CPU has F16C; clang may not know the "f16c" feature name
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#endif
-}
-#else
-bool has_avx2() { return false; }
 #endif
 
 Isa pick_isa(const std::string& name) {

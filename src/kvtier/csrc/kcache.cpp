@@ -10,10 +10,6 @@
 
 #include <string>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define KV_X86 1
-#endif
 
 namespace {
 
@@ -79,16 +75,6 @@ KV_AVX2 void scores_avx2(const float* q, const T* k, int64_t n, int64_t G, int64
   if (t < n) scores_generic(q, k + t * D, n - t, G, D, sc + t, T_);
 }
 
-bool has_avx2() {
-  __builtin_cpu_init();
-#if defined(__clang__)  // every AVX2 CPU has F16C; clang may not know the "f16c" feature name
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#endif
-}
-#else
-bool has_avx2() { return false; }
 #endif
 
 bool g_avx2 = has_avx2();

@@ -25,10 +25,6 @@
 
 #include <string>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define KV_X86 1
-#endif
 
 namespace {
 
@@ -254,16 +250,6 @@ void bf16_avx2(const c10::BFloat16* w, int64_t K, const float* x, int64_t ldx, i
   for (; r < rows; ++r) bf16_row1_avx2(w, K, x + r * ldx, out + r * kBf16Panel);
 }
 
-bool has_avx2() {
-  __builtin_cpu_init();
-#if defined(__clang__)  // every AVX2 CPU has F16C; clang may not know the "f16c" feature name
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#endif
-}
-#else
-bool has_avx2() { return false; }
 #endif  // KV_X86
 
 // ---- instruction-set choice ----------------------------------------------------------------------------
