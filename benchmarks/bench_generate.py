@@ -2,7 +2,7 @@
 in the same run, on the default model (SmolLM2-135M-Instruct, the same GGUF file for llama.cpp).
 
     python benchmarks/bench_generate.py [--scenarios 1x200,1x6000,8x200,32x200] [--formats float32,int8,...]
-        [--new-tokens 64] [--no-hf] [--no-llama-cpp] [--perplexity /usr/share/common-licenses/GPL-3]
+        [--new-tokens 64] [--no-hf] [--no-llama-cpp] [--ppl-tokens 1024]
 
 Scenarios are BATCHxCONTEXT: that many sequences with random prompts of CONTEXT tokens (fixed seed),
 decoded greedily with EOS ignored. kvtier and HF: decode tokens/s = batch x (new_tokens - 1) /
@@ -11,7 +11,8 @@ llama.cpp (llama-cpp-python, the ``bench`` extra, ``benchmarks/llamacpp_baseline
 file and thread count, several sequences per llama_decode for batches, the decode steps timed alone;
 with f16 KV (flash attention on and off) and at long context also q4_0 KV. Bytes per step = weights +
 the KV cache read at the mean context, against the read bandwidth measured at the start of the run.
-``--perplexity FILE`` adds each weight format's perplexity on the first tokens of an English text.
+``--ppl-tokens N`` (0 skips) adds each weight format's perplexity on the first N tokens of the English text
+that ``kvtier eval`` scores (CPython's Language Reference topics, ``kvtier.utils.texts``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import gc
 import json
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -30,6 +30,7 @@ from kvtier.entrypoints.accuracy import perplexity
 from kvtier.kernels.qlinear import WEIGHT_FORMATS
 from kvtier.models.loader import default_model_gguf, resolve_hf_folder
 from kvtier.utils.membw import read_bandwidth
+from kvtier.utils.texts import SOURCE, english_tokens
 
 GGUF_KV_BYTES = {"f16": 2.0, "q4_0": 18 / 32}  # bytes per KV element in llama.cpp's cache
 
@@ -100,8 +101,8 @@ def run_kvtier(fmt: str, scenarios, args, cfg_out: dict) -> list[Row]:
         tok_s = kvtier_decode(llm, prompts(b, c, cfg.vocab_size), args.new_tokens, args.repeats)
         rows.append(Row(f"{b}x{c}", f"kvtier {fmt}", tok_s, wbytes + b * (c + args.new_tokens / 2) * kv_token))
         print(f"  kvtier {fmt:<8} {b}x{c}: {tok_s:.1f} tok/s", flush=True)
-    if args.perplexity:
-        ids = llm.get_tokenizer().encode(Path(args.perplexity).read_text())[: args.ppl_tokens]
+    if args.ppl_tokens:
+        ids = english_tokens(llm.get_tokenizer(), args.ppl_tokens)
         cfg_out.setdefault("ppl", {})[fmt] = perplexity(llm, ids)
         print(f"  kvtier {fmt:<8} perplexity {cfg_out['ppl'][fmt]:.3f} on {len(ids)} tokens", flush=True)
     del llm, model
@@ -169,9 +170,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="best of N timings (kvtier, HF)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp baseline")
-    ap.add_argument("--perplexity", default=None, metavar="FILE", help="English text for perplexity per format, "
-                    "e.g. /usr/share/common-licenses/GPL-3")
-    ap.add_argument("--ppl-tokens", type=int, default=1024)
+    ap.add_argument("--ppl-tokens", type=int, default=1024, help="English tokens for perplexity per format (0: skip)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
     scenarios = parse_scenarios(args.scenarios)
@@ -197,7 +196,7 @@ def main() -> None:
         rows += run_hf(scenarios, args, info["cfg"])
     print_table(rows, bw)
     if info.get("ppl"):
-        print(f"perplexity on {args.perplexity} (first {args.ppl_tokens} tokens): "
+        print(f"perplexity on {SOURCE} (first {args.ppl_tokens} tokens): "
               + ", ".join(f"{k} {v:.3f}" for k, v in info["ppl"].items()))
     if args.json:
         with open(args.json, "w") as f:

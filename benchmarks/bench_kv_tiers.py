@@ -1,6 +1,6 @@
 """KV policies under a small fast tier: where attention mass is served from, what migrates, speed.
 
-    python benchmarks/bench_kv_tiers.py [--batch 32] [--prompt-tokens 1024] [--new-tokens 32]
+    python benchmarks/bench_kv_tiers.py [--batch 32] [--prompt-tokens 2048] [--new-tokens 64]
         [--fast-share 0.25] [--policies plain,static,swap,dynamic,kcache] [--dynamic-max-moves 128] [--json FILE]
 
 Prompts are windows of real English text (CPython's Language Reference topics), decoded greedily.
@@ -68,8 +68,8 @@ def row(name: str, tiers: str, engine: LLMEngine, outs, ref, seconds: float) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--prompt-tokens", type=int, default=1024)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=2048)
+    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--fast-share", type=float, default=0.25)
     ap.add_argument("--policies", default="plain,static,swap,dynamic,kcache")
     ap.add_argument("--kcache-top-n", type=float, default=0.1)

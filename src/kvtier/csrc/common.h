@@ -72,4 +72,31 @@ void dispatch(torch::ScalarType t, F&& f) {
   else TORCH_CHECK(false, "unsupported dtype ", t);
 }
 
+// Merge S partial results per (b, h, g) by their log-sum-exp weights (lse_out may be null).
+// part: [B, Hkv, S, G, D], plse: [B, Hkv, S, G] -> out: [B, Hkv, G, D], lse_out: [B, Hkv, G].
+inline void merge_segments(const float* part, const float* plse, int64_t B, int64_t Hkv, int64_t S, int64_t G,
+                           int64_t D, float* out, float* lse_out) {
+  at::parallel_for(0, B * Hkv * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bh = i / G, g = i % G;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s < S; ++s) mx = std::max(mx, plse[(bh * S + s) * G + g]);
+      float* o = out + i * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      float total = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        const float ls = plse[(bh * S + s) * G + g];
+        if (ls == -std::numeric_limits<float>::infinity()) continue;
+        const float w = std::exp(ls - mx);
+        total += w;
+        const float* p = part + ((bh * S + s) * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * p[d];
+      }
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      if (lse_out) lse_out[i] = total > 0.f ? mx + std::log(total) : -std::numeric_limits<float>::infinity();
+    }
+  });
+}
+
 }  // namespace kvtier

@@ -37,6 +37,26 @@ constexpr int kMaxBS = 64;
 constexpr int64_t kAhead = KV_PREFETCH_AHEAD;  // blocks prefetched ahead of the one being read
 
 // One (sequence, KV head, segment): online softmax over the segment's blocks.
+// Online softmax over n new scores of one query: sc[t] becomes exp(sc[t] - max), the running max m
+// and sum l are updated, the block's log-sum-exp goes to *blse (if given); returns the factor
+// exp(old max - new max) that the output accumulator must be scaled by.
+__attribute__((always_inline)) inline float softmax_update(float* sc, int64_t n, float& m, float& l, float* blse) {
+  float mx = m;
+#pragma omp simd reduction(max : mx)
+  for (int64_t t = 0; t < n; ++t) mx = mx > sc[t] ? mx : sc[t];  // std::max does not vectorize
+  const float alpha = fast_exp(m - mx);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < n; ++t) {
+    sc[t] = fast_exp(sc[t] - mx);
+    sum += sc[t];
+  }
+  l = l * alpha + sum;
+  if (blse) *blse = mx + std::log(sum);
+  m = mx;
+  return alpha;
+}
+
 template <typename T>
 KV_CLONES void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
   const int64_t G = a.G, D = a.D, bs = a.bs;
@@ -79,19 +99,8 @@ KV_CLONES void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) 
       }
     }
     for (int64_t g = 0; g < G; ++g) {
-      float mx = m[g];
-#pragma omp simd reduction(max : mx)
-      for (int64_t t = 0; t < n; ++t) mx = mx > sc[g][t] ? mx : sc[g][t];  // std::max does not vectorize
-      const float alpha = fast_exp(m[g] - mx);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < n; ++t) {
-        sc[g][t] = fast_exp(sc[g][t] - mx);
-        sum += sc[g][t];
-      }
-      l[g] = l[g] * alpha + sum;
-      if (a.blse) a.blse[((b * a.Hkv + h) * G + g) * a.W + j] = mx + std::log(sum);
-      m[g] = mx;
+      float* blse = a.blse ? a.blse + ((b * a.Hkv + h) * G + g) * a.W + j : nullptr;
+      const float alpha = softmax_update(sc[g], n, m[g], l[g], blse);
       float* ag = acc[g];
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) ag[d] *= alpha;
@@ -190,19 +199,8 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) 
       }
     }
     for (int64_t g = 0; g < G; ++g) {  // online softmax, then P.V with the accumulators in registers
-      float mx = m[g];
-#pragma omp simd reduction(max : mx)
-      for (int64_t t = 0; t < n; ++t) mx = mx > sc[g][t] ? mx : sc[g][t];  // std::max does not vectorize
-      const float alpha = fast_exp(m[g] - mx);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < n; ++t) {
-        sc[g][t] = fast_exp(sc[g][t] - mx);
-        sum += sc[g][t];
-      }
-      l[g] = l[g] * alpha + sum;
-      if (a.blse) a.blse[((b * a.Hkv + h) * G + g) * a.W + j] = mx + std::log(sum);
-      m[g] = mx;
+      float* blse = a.blse ? a.blse + ((b * a.Hkv + h) * G + g) * a.W + j : nullptr;
+      const float alpha = softmax_update(sc[g], n, m[g], l[g], blse);
       v8f o[NV];
       for (int v = 0; v < NV; ++v) o[v] = acc[g][v] * alpha;
       for (int64_t t = 0; t < n; ++t) {
@@ -227,32 +225,6 @@ void decode_item(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
   if (a.D == 64) decode_vec<T, 8>(a, b, h, s);
   else if (a.D == 128) decode_vec<T, 16>(a, b, h, s);
   else decode_one<T>(a, b, h, s);
-}
-
-// Merge S partial results per (b, h, g) by their log-sum-exp weights.
-void merge_segments(const float* part, const float* plse, int64_t B, int64_t Hkv, int64_t S, int64_t G,
-                    int64_t D, float* out, float* lse_out) {
-  at::parallel_for(0, B * Hkv * G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t bh = i / G, g = i % G;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t s = 0; s < S; ++s) mx = std::max(mx, plse[(bh * S + s) * G + g]);
-      float* o = out + i * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-      float total = 0.f;
-      for (int64_t s = 0; s < S; ++s) {
-        const float ls = plse[(bh * S + s) * G + g];
-        if (ls == -std::numeric_limits<float>::infinity()) continue;
-        const float w = std::exp(ls - mx);
-        total += w;
-        const float* p = part + ((bh * S + s) * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += w * p[d];
-      }
-      const float inv = total > 0.f ? 1.f / total : 0.f;
-      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
-      if (lse_out) lse_out[i] = total > 0.f ? mx + std::log(total) : -std::numeric_limits<float>::infinity();
-    }
-  });
 }
 
 // [..., D] <-> per 16 elements, the evens then the odds (the order Rows<16-bit T> reads rows in).

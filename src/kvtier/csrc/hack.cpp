@@ -567,32 +567,6 @@ void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
   }
 }
 
-// Merge S partial results per (b, h, g) by their log-sum-exp weights.
-void merge_segments(const float* part, const float* plse, int64_t B, int64_t Hkv, int64_t S, int64_t G, int64_t D,
-                    float* out, float* lse_out) {
-  at::parallel_for(0, B * Hkv * G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t bh = i / G, g = i % G;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t s = 0; s < S; ++s) mx = std::max(mx, plse[(bh * S + s) * G + g]);
-      float* o = out + i * D;
-      std::fill(o, o + D, 0.f);
-      float total = 0.f;
-      for (int64_t s = 0; s < S; ++s) {
-        const float ls = plse[(bh * S + s) * G + g];
-        if (ls == -std::numeric_limits<float>::infinity()) continue;
-        const float wt = std::exp(ls - mx);
-        total += wt;
-        const float* p = part + ((bh * S + s) * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += wt * p[d];
-      }
-      const float inv = total > 0.f ? 1.f / total : 0.f;
-      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
-      lse_out[i] = total > 0.f ? mx + std::log(total) : -std::numeric_limits<float>::infinity();
-    }
-  });
-}
-
 int64_t choose_segments(int64_t B, int64_t Hkv, int64_t max_blocks) {
   const int64_t threads = at::get_num_threads();
   int64_t S = (4 * threads + B * Hkv - 1) / (B * Hkv);  // enough work items to balance the threads

@@ -299,11 +299,20 @@ def eval_cmd(specs, max_tokens, ppl_tokens, ppl_window, lengths, depths, as_json
     console = Console(stderr=True)
     console.print(f"kvtier eval: plain + {len(parsed)} policies on model {kw['model']}")
     rows = evaluate(engine_config(kw), parsed, settings,
-                    on_row=lambda r: console.print(f"  {r.label}: done in {r.seconds:.1f} s"))
+                    on_row=lambda r: console.print(_eval_line(r)))
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
         return
     Console(width=max(140, Console().width)).print(_eval_table(rows))
+
+
+def _eval_line(r) -> str:
+    """A finished row at once (stderr), so a long evaluation shows its figures as they come."""
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    ppl = "-" if r.perplexity is None else f"{r.perplexity:.3f}"
+    kl = "-" if r.kl_mean is None else f"{r.kl_mean:.4f}"
+    return (f"  {r.label}: agreement {pct(r.agreement)}, forced top-1 {pct(r.forced_agreement)}, KL {kl}, "
+            f"perplexity {ppl}, retrieval {pct(r.retrieval_accuracy)} {r.retrieval} ({r.seconds:.1f} s)")
 
 
 def _eval_table(rows):
