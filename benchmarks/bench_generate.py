@@ -89,22 +89,25 @@ def kv_elements_per_token(cfg) -> int:
     return 2 * cfg.num_layers * cfg.kv_size
 
 
-def run_kvtier(fmt: str, scenarios, args, cfg_out: dict) -> list[Row]:
+def run_kvtier(spec: str, scenarios, args, cfg_out: dict) -> list[Row]:
+    """``spec``: a weight format, optionally with the KV cache dtype, e.g. ``int4/bfloat16``."""
+    fmt, _, kv_dtype = spec.partition("/")
+    label = fmt + (f" kv {kv_dtype}" if kv_dtype else "")
     longest = max(max(c for _, c in scenarios) + args.new_tokens, args.ppl_tokens) + 16
-    llm = LLM(model="default", weights=fmt, max_num_seqs=max(b for b, _ in scenarios), max_num_batched_tokens=2048,
+    llm = LLM(model="default", weights=fmt, kv_dtype=kv_dtype or "auto", max_num_seqs=max(b for b, _ in scenarios), max_num_batched_tokens=2048,
               max_model_len=longest, kv_cache_memory="1GiB")
     model, cfg = llm.engine.loaded.model, llm.engine.model_config
     cfg_out.update(cfg=cfg, vocab=cfg.vocab_size)
-    wbytes, kv_token = model.weight_bytes_per_step(), cfg.kv_bytes_per_token(model.dtype)
+    wbytes, kv_token = model.weight_bytes_per_step(), llm.engine.layout.token_bytes
     rows = []
     for b, c in scenarios:
         tok_s = kvtier_decode(llm, prompts(b, c, cfg.vocab_size), args.new_tokens, args.repeats)
-        rows.append(Row(f"{b}x{c}", f"kvtier {fmt}", tok_s, wbytes + b * (c + args.new_tokens / 2) * kv_token))
-        print(f"  kvtier {fmt:<8} {b}x{c}: {tok_s:.1f} tok/s", flush=True)
+        rows.append(Row(f"{b}x{c}", f"kvtier {label}", tok_s, wbytes + b * (c + args.new_tokens / 2) * kv_token))
+        print(f"  kvtier {label:<8} {b}x{c}: {tok_s:.1f} tok/s", flush=True)
     if args.ppl_tokens:
         ids = english_tokens(llm.get_tokenizer(), args.ppl_tokens)
-        cfg_out.setdefault("ppl", {})[fmt] = perplexity(llm, ids)
-        print(f"  kvtier {fmt:<8} perplexity {cfg_out['ppl'][fmt]:.3f} on {len(ids)} tokens", flush=True)
+        cfg_out.setdefault("ppl", {})[label] = perplexity(llm, ids)
+        print(f"  kvtier {label:<8} perplexity {cfg_out['ppl'][label]:.3f} on {len(ids)} tokens", flush=True)
     del llm, model
     gc.collect()
     return rows
@@ -165,7 +168,8 @@ def print_table(rows: list[Row], bw: float) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenarios", default="1x200,1x6000,8x200,32x200", help="BATCHxCONTEXT, comma-separated")
-    ap.add_argument("--formats", default=",".join(WEIGHT_FORMATS), help="kvtier weight formats")
+    ap.add_argument("--formats", default=",".join([*WEIGHT_FORMATS, "float32/bfloat16", "int4/bfloat16"]),
+                    help="kvtier weight formats, each optionally /KV_DTYPE (the KV cache's, e.g. int4/bfloat16)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1, help="best of N timings (kvtier, HF)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")

@@ -4,11 +4,13 @@ happens every few steps; every one must leave the pool empty, keep its placement
 report its KV bytes per tier."""
 
 import pytest
+import torch
 
 from kvtier.config import EngineConfig
 from kvtier.engine.llm_engine import LLMEngine
 from kvtier.entrypoints.compare import agreement, compare
 from kvtier.entrypoints.llm import LLM
+from kvtier.errors import ConfigError
 from kvtier.kv.policies import POLICY_REGISTRY, make_policy
 from kvtier.sampling_params import SamplingParams
 
@@ -128,8 +130,6 @@ def test_moves_read_every_source_before_writing(default_loaded):
 
 
 def test_unknown_policy_and_options():
-    from kvtier.errors import ConfigError
-
     with pytest.raises(ConfigError, match="unknown KV policy"):
         make_policy("nope")
     with pytest.raises(ConfigError, match="takes no options"):
@@ -206,3 +206,37 @@ def test_agreement_counts_up_to_the_first_divergence():
     assert agreement([[1, 2, 3, 4]], [[1, 2, 9, 4]]) == (0.5, 2)
     assert agreement([[1, 2], [5]], [[1, 2], [5]]) == (1.0, None)
     assert agreement([[1]], [[1, 2]]) == (0.5, 1)
+
+
+# ---- a 16-bit KV cache under float32 weights (--kv-dtype) ---------------------------------------
+
+@pytest.fixture(scope="module")
+def bf16_kv_outputs(default_loaded):
+    engine = LLMEngine(EngineConfig(block_size=BLOCK, max_model_len=MAX_LEN, num_kv_blocks=64, kv_dtype="bfloat16"),
+                       loaded=default_loaded)
+    return engine, [o.token_ids for o in LLM.from_engine(engine).generate(PROMPTS, PARAMS, False)]
+
+
+def test_kv_dtype_halves_the_cache(bf16_kv_outputs, default_loaded):
+    engine, _ = bf16_kv_outputs
+    storage = engine.storages[0]
+    assert storage.k.dtype == storage.v.dtype == torch.bfloat16
+    assert engine.layout.token_bytes * 2 == engine.model_config.kv_bytes_per_token(torch.float32)
+    assert default_loaded.model.dtype == torch.float32  # the weights stay float32
+
+
+@pytest.mark.parametrize("name", ["static", "swap", "dynamic"])
+def test_lossless_policies_at_bf16_kv(name, bf16_kv_outputs, default_loaded):
+    """Placement and swapping stay exact at the cache's own dtype (prefill reads the rounded K/V too)."""
+    _, outs = run(name, default_loaded, kv_dtype="bfloat16")
+    assert outs == bf16_kv_outputs[1]
+
+
+def test_kv_dtype_stays_close_to_float32(bf16_kv_outputs, plain_outputs):
+    share, _ = agreement(bf16_kv_outputs[1], plain_outputs)
+    assert share >= 0.5, f"bfloat16 KV agrees with float32 KV on only {share:.0%} of greedy tokens"
+
+
+def test_kv_dtype_is_validated():
+    with pytest.raises(ConfigError, match="unknown KV dtype 'int3'"):
+        EngineConfig(kv_dtype="int3")

@@ -18,6 +18,7 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" | "dummy" (random weights)
     dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
     weights: str = "float32"  # weight format of the linear layers: float32 (in dtype) | bfloat16 | int8 | int4
+    kv_dtype: str = "auto"  # dtype of the KV cache: "auto" (the model's dtype) | float32 | bfloat16 | float16
     device: str = "auto"  # "auto" | "cpu" | "cuda[:N]"
     max_model_len: int | None = None  # default: the model's context length
     block_size: int = 16  # tokens per KV block
@@ -44,6 +45,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype '{self.dtype}'", f"use auto or one of {', '.join(DTYPES)}")
+        if self.kv_dtype != "auto" and self.kv_dtype not in DTYPES:
+            raise ConfigError(f"unknown KV dtype '{self.kv_dtype}'", f"use auto or one of {', '.join(DTYPES)}")
         if self.weights not in WEIGHT_FORMATS:
             raise ConfigError(f"unknown weight format '{self.weights}'", f"use one of {', '.join(WEIGHT_FORMATS)}")
 
@@ -62,3 +65,6 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.float32 if device.type == "cpu" else torch.bfloat16
         return DTYPES[self.dtype]
+
+    def kv_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype if self.kv_dtype == "auto" else DTYPES[self.kv_dtype]

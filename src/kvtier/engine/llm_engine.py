@@ -73,7 +73,7 @@ class LLMEngine:
         self.tokenizer = self._tokenizer()
         self.max_model_len = self._max_model_len()
         self.layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size,
-                               self.loaded.model.dtype)
+                               config.kv_torch_dtype(self.loaded.model.dtype))
         self._build_kv(device)
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.eos_ids = set(cfg.eos_token_ids)

@@ -311,8 +311,9 @@ def _eval_line(r) -> str:
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     ppl = "-" if r.perplexity is None else f"{r.perplexity:.3f}"
     kl = "-" if r.kl_mean is None else f"{r.kl_mean:.4f}"
+    cases = ", ".join(f"{k} {pct(v)}" for k, v in r.retrieval.items())
     return (f"  {r.label}: agreement {pct(r.agreement)}, forced top-1 {pct(r.forced_agreement)}, KL {kl}, "
-            f"perplexity {ppl}, retrieval {pct(r.retrieval_accuracy)} {r.retrieval} ({r.seconds:.1f} s)")
+            f"perplexity {ppl}, retrieval {pct(r.retrieval_accuracy)} ({cases}) in {r.seconds:.1f} s")
 
 
 def _eval_table(rows):

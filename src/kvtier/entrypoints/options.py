@@ -46,6 +46,8 @@ ENGINE_OPTIONS = [
     click.option("--weights", type=click.Choice(list(WEIGHT_FORMATS)), default="float32", show_default=True,
                  help="weight format of the linear layers: float32 (in --dtype, HF parity), bfloat16, or "
                       "weight-only int8 / int4 (groups of 32; GGUF Q8_0 / Q4_x tensors load as they are)"),
+    click.option("--kv-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                 show_default=True, help="KV cache dtype (auto: the model's); 16-bit halves the KV bytes read"),
     click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]"),
     click.option("--max-model-len", type=int, default=None, help="context length (default: the model's)"),
     click.option("--block-size", type=int, default=16, show_default=True, help="tokens per KV block"),

@@ -102,8 +102,8 @@ def paged_decode_attention_reference(q, k_cache, v_cache, plan: DecodePlan, scal
     nb, hkv, bs, _ = k_cache.shape
     gather, invalid = plan.reference_index(hkv, bs)
     t = gather.shape[-1] * bs
-    k = k_cache.view(nb * hkv, bs, d)[gather].view(b, hkv, t, d)
-    v = v_cache.view(nb * hkv, bs, d)[gather].view(b, hkv, t, d)
+    k = k_cache.view(nb * hkv, bs, d)[gather].view(b, hkv, t, d).to(q.dtype)
+    v = v_cache.view(nb * hkv, bs, d)[gather].view(b, hkv, t, d).to(q.dtype)
     qg = q.reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
     s = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)  # [B, Hkv, G, T]
     s.masked_fill_(invalid, float("-inf"))

@@ -163,6 +163,8 @@ class TieredKVCache:
         v: torch.Tensor,  # [T, Hkv, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, Hq, D]
+        kv_dtype = self.storages[0].layout.dtype  # what the cache holds (and its rounding)
+        k, v = k.to(kv_dtype), v.to(kv_dtype)
         for w in meta.writes:
             k_cache, v_cache = self.storages[w.target].layer(layer)
             kk, vv = (k, v) if w.rows is None else (k[w.rows], v[w.rows])
@@ -180,7 +182,7 @@ class TieredKVCache:
                 kk, vv = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
             else:
                 kk, vv = self._gather_prefix(layer, span)
-            out[s:e] = prefill_attention(q[s:e], kk, vv, self.scale)
+            out[s:e] = prefill_attention(q[s:e], kk.to(q.dtype), vv.to(q.dtype), self.scale)
         return out
 
     def _decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # [B, Hq, D]
