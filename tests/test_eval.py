@@ -50,3 +50,17 @@ def test_evaluate_rows(default_llm):
     assert dense.forced_agreement == 1.0 and dense.kl_mean < 1e-4  # every V row kept: exact up to rounding
     assert tiny.kl_mean > dense.kl_mean and tiny.label == "kcache:top_n=2" and not tiny.lossless
     assert all(r.seconds > 0 for r in rows)
+
+
+def test_agreement_prompts_of_english_text(default_llm):
+    from dataclasses import replace
+
+    from kvtier.entrypoints.eval import _agreement_prompts
+
+    engine = default_llm.engine
+    long = replace(SMALL, context_tokens=300)
+    prompts = _agreement_prompts(engine, long)
+    assert [len(p) for p in prompts] == [300, 300]
+    assert prompts[0] + prompts[1] == english_tokens(engine.tokenizer, 600)  # consecutive windows
+    with pytest.raises(ConfigError, match="exceed the model's"):
+        _agreement_prompts(engine, replace(SMALL, context_tokens=engine.max_model_len))

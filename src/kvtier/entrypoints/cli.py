@@ -279,6 +279,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--policy", "specs", multiple=True, metavar="NAME[:K=V,...]",
               help="a policy and its options, e.g. kcache:top_n=0.1 (repeatable; default: every policy)")
 @click.option("--max-tokens", type=int, default=256, show_default=True, help="greedy tokens per agreement prompt")
+@click.option("--context-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+              help="agreement prompts of this many tokens of English text (0: short fixed prompts)")
 @click.option("--ppl-tokens", type=int, default=8192, show_default=True, help="English tokens for perplexity (0: skip)")
 @click.option("--ppl-window", type=int, default=1024, show_default=True, help="perplexity window (tokens)")
 @click.option("--lengths", default="512,1024,2048,4096", show_default=True,
@@ -286,7 +288,7 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--depths", default="0.1,0.5,0.9", show_default=True, help="where the fact is planted")
 @click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
 @engine_options
-def eval_cmd(specs, max_tokens, ppl_tokens, ppl_window, lengths, depths, as_json, **kw):
+def eval_cmd(specs, max_tokens, context_tokens, ppl_tokens, ppl_window, lengths, depths, as_json, **kw):
     """Accuracy of KV policies against the plain engine: agreement, KL, perplexity, retrieval."""
     from rich.console import Console
 
@@ -295,7 +297,7 @@ def eval_cmd(specs, max_tokens, ppl_tokens, ppl_window, lengths, depths, as_json
 
     parsed = [parse_spec(s) for s in specs] or [(n, {}) for n in sorted(POLICY_REGISTRY) if n != "plain"]
     settings = EvalSettings(max_tokens=max_tokens, ppl_tokens=ppl_tokens, ppl_window=ppl_window,
-                            lengths=_ints(lengths), depths=_floats(depths))
+                            lengths=_ints(lengths), depths=_floats(depths), context_tokens=context_tokens)
     console = Console(stderr=True)
     console.print(f"kvtier eval: plain + {len(parsed)} policies on model {kw['model']}")
     rows = evaluate(engine_config(kw), parsed, settings,

@@ -43,6 +43,7 @@ class EvalSettings:
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     tasks: tuple[str, ...] = ("passkey", "kv")
     prompts: tuple[str, ...] = tuple(COMPARE_PROMPTS)
+    context_tokens: int = 0  # > 0: the agreement prompts are that many tokens of English text instead
 
 
 @dataclass(slots=True)
@@ -206,7 +207,7 @@ def evaluate(base: EngineConfig, specs: list[tuple[str, dict]], settings: EvalSe
     tok = plain.tokenizer
     if tok is None:
         raise ConfigError("kvtier eval needs a model with a tokenizer", "use the default model or an HF folder")
-    prompts = [plain.encode_prompt(p, None) for p in settings.prompts]
+    prompts = _agreement_prompts(plain, settings)
     t0 = time.perf_counter()
     outputs = greedy(plain, prompts, settings.max_tokens)
     fc = run_forced(plain, prompts, outputs)
@@ -222,6 +223,18 @@ def evaluate(base: EngineConfig, specs: list[tuple[str, dict]], settings: EvalSe
         rows.append(evaluate_policy(base, name, opts, plain, ref, settings))
         on_row and on_row(rows[-1])
     return rows
+
+
+def _agreement_prompts(engine: LLMEngine, settings: EvalSettings) -> list[list[int]]:
+    """The fixed prompts, or as many consecutive windows of ``context_tokens`` of the English text."""
+    if not settings.context_tokens:
+        return [engine.encode_prompt(p, None) for p in settings.prompts]
+    n, c = len(settings.prompts), settings.context_tokens
+    if c + settings.max_tokens > engine.max_model_len:
+        raise ConfigError(f"agreement contexts of {c} tokens plus {settings.max_tokens} new ones exceed the "
+                          f"model's {engine.max_model_len}", "use a smaller --context-tokens or --max-tokens")
+    text = english_tokens(engine.tokenizer, n * c)
+    return [text[i * c:(i + 1) * c] for i in range(n)]
 
 
 def evaluate_policy(base, name: str, opts: dict, plain: LLMEngine, ref: Reference, settings) -> EvalRow:
