@@ -94,7 +94,8 @@ def run_kvtier(spec: str, scenarios, args, cfg_out: dict) -> list[Row]:
     fmt, _, kv_dtype = spec.partition("/")
     label = fmt + (f" kv {kv_dtype}" if kv_dtype else "")
     longest = max(max(c for _, c in scenarios) + args.new_tokens, args.ppl_tokens) + 16
-    llm = LLM(model="default", weights=fmt, kv_dtype=kv_dtype or "auto", max_num_seqs=max(b for b, _ in scenarios), max_num_batched_tokens=2048,
+    llm = LLM(model="default", weights=fmt, kv_dtype=kv_dtype or "auto", max_num_seqs=max(b for b, _ in scenarios),
+              max_num_batched_tokens=2048,
               max_model_len=longest, kv_cache_memory="1GiB")
     model, cfg = llm.engine.loaded.model, llm.engine.model_config
     cfg_out.update(cfg=cfg, vocab=cfg.vocab_size)

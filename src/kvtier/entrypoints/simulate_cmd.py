@@ -3,7 +3,8 @@
 ``serve`` runs the engine's scheduler and KV policy over Poisson arrivals or a JSONL trace with a
 simulated clock (a comma list of rates sweeps and plots); ``step`` shows the time of one batch
 composition and where it goes (per stream, per op; sweeps batch x context and plots); ``hardware``
-lists the presets or shows one file, validated.
+lists the presets or shows one file, validated; ``placement`` is the KV placement study
+(``placement_cmd.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import click
 
 from kvtier.entrypoints.options import ENGINE_OPTIONS, engine_config
+from kvtier.entrypoints.placement_cmd import placement
 
 SIM_ENGINE_OPTIONS = ("model", "dtype", "max_model_len", "block_size", "kv_cache_memory", "num_kv_blocks",
                       "kv_tiers", "kv_policy", "kv_policy_options", "max_num_seqs", "max_num_batched_tokens",
@@ -82,6 +84,9 @@ def _rates(text: str) -> list[float]:
 @click.group()
 def simulate():
     """Predict serving and step times on described hardware (the engine's scheduler, a simulated clock)."""
+
+
+simulate.add_command(placement)  # the KV placement study (arXiv 2508.13231), in its own module
 
 
 @simulate.command()

@@ -62,9 +62,9 @@ class DynamicPolicy(KVPolicy):
         pinned = [b for t in running for b in t[: self.pin_first] + t[-1 - self.pin_recent:-1]]
         prio[np.isin(cands, pinned)] += PINNED
         prio[np.isin(cands, [t[-1] for t in running])] = np.inf  # the block being written
-        order = np.argsort(-prio, kind="stable")
-        ranked, prio = cands[order], prio[order]
-        on_device = np.asarray(pl.target_of)[ranked] == 0
+        on_device = np.asarray(pl.target_of)[cands] == 0
+        order = np.lexsort((~on_device, -prio))  # ties: a block already on the device first (no idle swaps)
+        ranked, prio, on_device = cands[order], prio[order], on_device[order]
         want = np.zeros(len(ranked), dtype=bool)
         want[: pl.targets[0].num_slots] = True
         promote = list(zip(ranked[want & ~on_device], prio[want & ~on_device], strict=True))  # hottest first

@@ -1,0 +1,34 @@
+"""Plots of placement sweeps: throughput over static and over the LP bound, per policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvtier.sim.plots import _pyplot
+
+LABELS = {"sparsity": "sparsity (share of the KV a step does not read)",
+          "variation": "importance variation (share redrawn per 10 decode steps)",
+          "capacity": "HBM for KV (GB)"}
+
+
+def plot_sweep(rows: list[dict], kind: str, path: str | Path, title: str) -> Path:
+    plt = _pyplot()
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    scale = 1e-9 if kind == "capacity" else 1.0
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, label in ((axes[0], "vs_static", "throughput / static"),
+                           (axes[1], "of_lp", "throughput / LP bound")):
+        for name in policies:
+            pts = [(r["value"] * scale, r[key]) for r in rows if r["policy"] == name and r[key] is not None]
+            if pts:
+                style = "--" if name in ("unlimited", "lp") else "-"
+                ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", label=name)
+        ax.set_xlabel(LABELS[kind])
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
