@@ -58,15 +58,10 @@ def _simulator(kw: dict, policy: str | None = None):
 
 def _policies(text: str) -> list[str]:
     """``--kv-policy`` in ``serve`` may be a comma list: one run per technique, side by side."""
-    from kvtier.errors import ConfigError
     from kvtier.kv.policies import POLICY_REGISTRY
+    from kvtier.utils.choices import comma_choices
 
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in names if p not in POLICY_REGISTRY]
-    if bad or not names:
-        raise ConfigError(f"unknown KV policy '{', '.join(bad) or text}' in --kv-policy",
-                          f"use one or more of: {', '.join(sorted(POLICY_REGISTRY))} (comma-separated)")
-    return names
+    return comma_choices(text, sorted(POLICY_REGISTRY), "KV policy", "--kv-policy")
 
 
 def _rates(text: str) -> list[float]:

@@ -14,6 +14,22 @@ def _pyplot():
     return plt
 
 
+def style_axes(ax, xlabel: str, ylabel: str) -> None:
+    """Labels, a light grid and a small legend: the look of every line plot here."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def save_figure(plt, fig, path: str | Path, title: str) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_rate_sweep(rows: list[dict], path: str | Path, title: str) -> Path:
     """Throughput and latencies against the request rate (one point per simulated run, one line per KV
     policy and statistic)."""
@@ -31,15 +47,8 @@ def plot_rate_sweep(rows: list[dict], path: str | Path, title: str) -> Path:
             for name, fn in series:
                 ax.plot([r["rate"] for r in mine], [fn(r) for r in mine], marker="o",
                         label=f"{policy} {name}".strip() if len(policies) > 1 else name)
-        ax.set_xlabel("request rate (req/s)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+        style_axes(ax, "request rate (req/s)", label)
+    return save_figure(plt, fig, path, title)
 
 
 def plot_context_sweep(points: list[dict], path: str | Path, title: str) -> Path:

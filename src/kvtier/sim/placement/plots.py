@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvtier.sim.plots import _pyplot
+from kvtier.sim.plots import _pyplot, save_figure, style_axes
 
 LABELS = {"sparsity": "sparsity (share of the KV a step does not read)",
           "variation": "importance variation (share redrawn per 10 decode steps)",
@@ -23,12 +23,5 @@ def plot_sweep(rows: list[dict], kind: str, path: str | Path, title: str) -> Pat
             if pts:
                 style = "--" if name in ("unlimited", "lp") else "-"
                 ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", label=name)
-        ax.set_xlabel(LABELS[kind])
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+        style_axes(ax, LABELS[kind], label)
+    return save_figure(plt, fig, path, title)

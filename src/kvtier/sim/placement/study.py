@@ -10,12 +10,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from kvtier.errors import ConfigError
 from kvtier.sim.placement import bounds
 from kvtier.sim.placement.annealing import Annealing
 from kvtier.sim.placement.baselines import AllHbm, Page16, Reactive, Static
 from kvtier.sim.placement.model import Problem, Result, evaluate
 from kvtier.sim.placement.online import Online
+from kvtier.utils.choices import comma_choices
 
 PAPER_SA_OVER_STATIC = 5.87  # arXiv 2508.13231: the SA bound reaches up to 5.87x static throughput
 POLICY_NAMES = ("unlimited", "static", "reactive", "page-16", "annealing", "online", "lp", "all-hbm")
@@ -32,12 +32,7 @@ class Settings:
 
 
 def policy_names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in POLICY_NAMES]
-    if bad or not names:
-        raise ConfigError(f"unknown placement polic{'ies' if len(bad) > 1 else 'y'} '{', '.join(bad) or text}'",
-                          f"use one or more of: {', '.join(POLICY_NAMES)} (comma-separated)")
-    return names
+    return comma_choices(text, POLICY_NAMES, "placement policy")
 
 
 def _solve(name: str, p: Problem, s: Settings) -> tuple[Result, dict]:
