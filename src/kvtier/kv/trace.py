@@ -88,8 +88,12 @@ class TraceWriter:
 def read_trace(path: str | Path) -> tuple[dict, Iterator[tuple[int, list[TraceSeq]]]]:
     """The header and an iterator of (step, sequences) of a trace file."""
     f = Path(path).open()
-    header = json.loads(f.readline() or "{}")
-    if header.get("format") != FORMAT:
+    try:
+        header = json.loads(f.readline() or "{}")
+    except ValueError:
+        header = {}
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        f.close()
         raise ConfigError(f"{path} is not a kvtier attention trace", "record one with kvtier generate --trace FILE")
     shape = (header["num_layers"], header["num_kv_heads"])
 
