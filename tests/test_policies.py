@@ -240,3 +240,8 @@ def test_kv_dtype_stays_close_to_float32(bf16_kv_outputs, plain_outputs):
 def test_kv_dtype_is_validated():
     with pytest.raises(ConfigError, match="unknown KV dtype 'int3'"):
         EngineConfig(kv_dtype="int3")
+
+
+def test_bad_policy_option_values_are_config_errors():
+    with pytest.raises(ConfigError, match="bad options for KV policy 'dynamic'.*decay"):
+        make_policy("dynamic", {"decay": 2})

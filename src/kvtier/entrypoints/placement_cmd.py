@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import click
 
+from kvtier.errors import ConfigError
+
 SWEEP_DEFAULTS = {"sparsity": "0.3,0.5,0.6,0.7,0.8,0.9,0.95", "variation": "0,0.1,0.3,0.5,0.7,0.9,1",
                   "capacity": "2GB,4GB,6GB,8GB,12GB,16GB,24GB"}
 SYNTHETIC_KEYS = ("variation", "spread", "sink", "recency", "recent_units", "seed", "sparsity")
-
-
-def _fail(problem: str, fix: str):
-    from kvtier.errors import ConfigError
-
-    return ConfigError(problem, fix)
 
 
 def _pairs(text: str | None, what: str, allowed: tuple[str, ...]) -> dict:
@@ -24,11 +20,12 @@ def _pairs(text: str | None, what: str, allowed: tuple[str, ...]) -> dict:
             continue
         key, sep, value = item.partition("=")
         if not sep or key not in allowed:
-            raise _fail(f"cannot read '{item}' in {what}", f"write KEY=VALUE with KEY one of: {', '.join(allowed)}")
+            raise ConfigError(f"cannot read '{item}' in {what}",
+                              f"write KEY=VALUE with KEY one of: {', '.join(allowed)}")
         try:
             out[key] = float(value)
         except ValueError as e:
-            raise _fail(f"{what}: {key} must be a number, got '{value}'", f"e.g. {key}=0.5") from e
+            raise ConfigError(f"{what}: {key} must be a number, got '{value}'", f"e.g. {key}=0.5") from e
     return out
 
 
@@ -39,24 +36,21 @@ def _values(kind: str, text: str | None) -> list[float]:
     try:
         vals = [parse_quantity(v, "bytes") if kind == "capacity" else float(v) for v in text.split(",") if v.strip()]
     except ValueError as e:
-        raise _fail(f"cannot read --values '{text}' for --sweep {kind}: {e}",
+        raise ConfigError(f"cannot read --values '{text}' for --sweep {kind}: {e}",
                     f"e.g. --values {SWEEP_DEFAULTS[kind]}") from e
     if not vals:
-        raise _fail(f"--values '{text}' has no values", f"e.g. --values {SWEEP_DEFAULTS[kind]}")
+        raise ConfigError(f"--values '{text}' has no values", f"e.g. --values {SWEEP_DEFAULTS[kind]}")
     return vals
 
 
 def _online_options(pairs: tuple[str, ...]) -> dict:
-    from kvtier.kv.policies.dynamic import DynamicPolicy
+    """The engine's own option check (``make_policy``) on numbers read from KEY=VALUE pairs."""
+    from kvtier.kv.policies import make_policy
 
     allowed = ("decay", "max_moves", "hysteresis", "pin_first", "pin_recent")
     opts = _pairs(",".join(pairs), "--online-option", allowed)
     opts = {k: int(v) if k in ("max_moves", "pin_first", "pin_recent") else v for k, v in opts.items()}
-    try:
-        DynamicPolicy(**opts)
-    except AssertionError as e:
-        raise _fail(f"bad --online-option values {opts}", "decay in [0, 1), max_moves >= 0, hysteresis >= 1, "
-                    "pins >= 0") from e
+    make_policy("dynamic", opts)
     return opts
 
 
@@ -74,9 +68,9 @@ def _hbm_kv(text: str | None, machine, workload) -> float:
     try:
         kv = parse_quantity(text, "bytes")
     except ValueError as e:
-        raise _fail(f"cannot read --hbm-kv '{text}': {e}", "e.g. --hbm-kv 8GB") from e
+        raise ConfigError(f"cannot read --hbm-kv '{text}': {e}", "e.g. --hbm-kv 8GB") from e
     if kv < 0:
-        raise _fail(f"--hbm-kv must be >= 0, got '{text}'", "e.g. --hbm-kv 8GB")
+        raise ConfigError(f"--hbm-kv must be >= 0, got '{text}'", "e.g. --hbm-kv 8GB")
     return kv
 
 
@@ -89,7 +83,7 @@ def _traces(kw: dict, grid):
     from kvtier.sim.placement.synthetic import SyntheticSpec, synthetic_trace
 
     if kw["trace"] and kw["synthetic"]:
-        raise _fail("--trace and --synthetic both given", "study one trace: a recorded file or a synthetic one")
+        raise ConfigError("--trace and --synthetic both given", "study one trace: a recorded file or a synthetic one")
     if kw["trace"]:
         return scale_recording(load_recording(kw["trace"]), grid), None, None
     spec = _pairs(kw["synthetic"], "--synthetic", SYNTHETIC_KEYS)
@@ -110,7 +104,8 @@ def _problem(kw: dict):
     grid = Grid(kw["prompt_tokens"], kw["decode_tokens"], kw["unit_tokens"], kw["step_stride"], kw["layer_groups"])
     trace, trace_for, sparsity = _traces(kw, grid)
     if sparsity is not None and kw["sparsity"] is not None and sparsity != kw["sparsity"]:
-        raise _fail(f"--sparsity {kw['sparsity']} and --synthetic sparsity={sparsity} disagree", "give one of them")
+        raise ConfigError(f"--sparsity {kw['sparsity']} and --synthetic sparsity={sparsity} disagree",
+                          "give one of them")
     sparsity = sparsity if sparsity is not None else (0.5 if kw["sparsity"] is None else kw["sparsity"])
     return Problem(trace, machine, workload, _hbm_kv(kw["hbm_kv"], machine, workload), sparsity), trace_for
 
@@ -132,7 +127,7 @@ def _run(p, trace_for, kw: dict):
     settings = Settings(kw["seed"], _online_options(kw["online_option"]), kw["online_signal"],
                         kw["lp_window"] or None)
     if kw["sweep"] == "variation" and trace_for is None:
-        raise _fail("--sweep variation needs a synthetic trace", "drop --trace (or sweep sparsity or capacity)")
+        raise ConfigError("--sweep variation needs a synthetic trace", "drop --trace (or sweep sparsity or capacity)")
     values = _values(kw["sweep"], kw["values"]) if kw["sweep"] else []
     with progress_counter("placement study", len(names) * max(1, len(values))) as advance:
         if not kw["sweep"]:

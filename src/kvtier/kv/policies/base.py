@@ -74,10 +74,10 @@ def make_policy(name: str, options: dict | None = None) -> KVPolicy:
     cls = POLICY_REGISTRY.get(name)
     if cls is None:
         raise ConfigError(f"unknown KV policy '{name}'", f"use one of: {', '.join(sorted(POLICY_REGISTRY))}")
-    allowed = {f.name for f in fields(cls)}
-    unknown = sorted(set(options or {}) - allowed)
+    allowed = sorted(f.name for f in fields(cls) if not f.name.startswith("_"))  # _fields: internal state
+    unknown = sorted(set(options or {}) - set(allowed))
     if unknown:
-        hint = f"options of {name}: {', '.join(sorted(allowed))}" if allowed else f"{name} takes no options"
+        hint = f"options of {name}: {', '.join(allowed)}" if allowed else f"{name} takes no options"
         raise ConfigError(f"unknown option(s) {', '.join(unknown)} for KV policy '{name}'", hint)
     try:
         return cls(**(options or {}))

@@ -37,8 +37,9 @@ class DynamicPolicy(KVPolicy):
     _score: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     def __post_init__(self):
-        assert 0.0 <= self.decay < 1.0 and self.max_moves >= 0 and self.hysteresis >= 1.0
-        assert self.pin_first >= 0 and self.pin_recent >= 0
+        if not (0.0 <= self.decay < 1.0 and self.max_moves >= 0 and self.hysteresis >= 1.0
+                and self.pin_first >= 0 and self.pin_recent >= 0):  # user options: make_policy reports it
+            raise ValueError("decay must be in [0, 1), max_moves, pin_first and pin_recent >= 0, hysteresis >= 1")
 
     def _scores(self, n: int) -> np.ndarray:
         if len(self._score) < n:
