@@ -9,6 +9,8 @@
 #include "common.h"
 #include "vec.h"
 
+#include <numeric>
+
 #ifndef KV_PREFETCH_AHEAD
 #define KV_PREFETCH_AHEAD 2
 #endif
@@ -20,7 +22,7 @@ using namespace kvtier;
 // ---- paged decode attention -------------------------------------------------------------------
 
 struct DecodeArgs {
-  const float* q;            // [B, Hq, D], pre-scaled, fp32
+  const float* q;            // [B, Hq, D] fp32, not scaled
   const void* k;             // [NB, Hkv, bs, D]
   const void* v;
   const int64_t* tables;     // [B, W]
@@ -29,6 +31,7 @@ struct DecodeArgs {
   float* lse;                // [B, Hkv, S, G]
   float* blse;               // [B, Hq, W] log-sum-exp of each block's scores, or null
   int64_t Hkv, G, D, bs, W, S, seg_blocks;
+  float scale;
 };
 
 constexpr int kMaxG = 16;   // query heads per KV head handled in one pass
@@ -71,7 +74,8 @@ KV_CLONES void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) 
     l[g] = 0.f;
     for (int64_t d = 0; d < D; ++d) acc[g][d] = 0.f;
   }
-  const float* q = a.q + (b * a.Hkv + h) * G * D;
+  float q[kMaxG * kMaxD];
+  for (int64_t i = 0; i < G * D; ++i) q[i] = a.q[(b * a.Hkv + h) * G * D + i] * a.scale;
   const T* kbase = static_cast<const T*>(a.k);
   const T* vbase = static_cast<const T*>(a.v);
   const int64_t line = 64 / sizeof(T);
@@ -121,27 +125,101 @@ KV_CLONES void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) 
   }
 }
 
-// A block's rows as float32: the cache itself for float32, else widened into scratch (in the
-// deinterleaved order of Rows<T>).
+// The G queries of one (sequence, KV head), scaled, in the order load16 reads rows of T in
+// (16-bit rows come deinterleaved per 16 elements: a dot product is unchanged if q is permuted alike).
 template <typename T, int NV>
-inline const float* widen_rows(const T* rows, int64_t n, float* scratch) {
-  if constexpr (std::is_same_v<T, float>) {
-    return rows;
-  } else {
-    constexpr int D = 8 * NV;
-    for (int64_t t = 0; t < n; ++t) {
-      v8f r[NV];
-      Rows<T>::template load<NV>(rows + t * D, r);
-      for (int v = 0; v < NV; ++v) store8(scratch + t * D + 8 * v, r[v]);
+inline void load_queries(const float* q, int64_t G, float scale, float* qs) {
+  constexpr int D = 8 * NV;
+  const v8i ev = {0, 2, 4, 6, 8, 10, 12, 14}, od = {1, 3, 5, 7, 9, 11, 13, 15};
+  for (int64_t g = 0; g < G; ++g)
+    for (int c = 0; c < NV / 2; ++c) {
+      const v8f x = load8(q + g * D + 16 * c) * splat8(scale), y = load8(q + g * D + 16 * c + 8) * splat8(scale);
+      const bool same = std::is_same_v<T, float>;
+      store8(qs + g * D + 16 * c, same ? x : __builtin_shuffle(x, y, ev));
+      store8(qs + g * D + 16 * c + 8, same ? y : __builtin_shuffle(x, y, od));
     }
-    return scratch;
+}
+
+// acc * inv back in the natural element order (the inverse of load_queries' permutation)
+template <typename T, int NV>
+inline void store_row(float* out, const v8f* acc, v8f inv) {
+  const v8i lo = {0, 8, 1, 9, 2, 10, 3, 11}, hi = {4, 12, 5, 13, 6, 14, 7, 15};
+  for (int c = 0; c < NV / 2; ++c) {
+    const v8f x = acc[2 * c] * inv, y = acc[2 * c + 1] * inv;
+    const bool same = std::is_same_v<T, float>;
+    store8(out + 16 * c, same ? x : __builtin_shuffle(x, y, lo));
+    store8(out + 16 * c + 8, same ? y : __builtin_shuffle(x, y, hi));
   }
 }
 
-// The same computation with head_dim = 8 * NV known at compile time: rows are NV vectors, scores
-// of eight tokens come out of one reduce8, and the output accumulators stay in registers while a
-// block's V rows stream past. For 16-bit rows, q arrives and the output leaves in the
-// deinterleaved order of Rows<T> (the caller permutes them).
+// Scores of one query against eight consecutive rows k[0..8) of 8 * NV elements: eight dot products
+// accumulated in registers, reduced at once.
+template <typename T, int NV>
+__attribute__((always_inline)) inline v8f scores8(const float* qg, const T* k) {
+  constexpr int D = 8 * NV;
+  v8f d[8];
+  for (int u = 0; u < 8; ++u) d[u] = splat8(0.f);
+  for (int c = 0; c < NV / 2; ++c) {
+    const v8f qa = load8(qg + 16 * c), qb = load8(qg + 16 * c + 8);
+    for (int u = 0; u < 8; ++u) {
+      v8f x, y;
+      load16(k + u * D + 16 * c, x, y);
+      d[u] += qa * x;
+      d[u] += qb * y;
+    }
+  }
+  return reduce8(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]);
+}
+
+// softmax_update over a block's n scores eight at a time (sc has room up to a multiple of 8).
+__attribute__((always_inline)) inline float softmax_block(float* sc, int64_t n, float& m, float& l, float* blse) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t n8 = (n + 7) & ~int64_t{7};
+  for (int64_t t = n; t < n8; ++t) sc[t] = ninf;
+  v8f vmx = splat8(m);
+  for (int64_t t = 0; t < n8; t += 8) vmx = max8(vmx, load8(sc + t));
+  const float mx = hmax8(vmx);
+  const float alpha = fast_exp(m - mx);
+  v8f sum = splat8(0.f);
+  for (int64_t t = 0; t < n8; t += 8) {
+    const v8f x = load8(sc + t);
+    const v8f e = x == splat8(ninf) ? splat8(0.f) : exp8(x - splat8(mx));  // padding counts zero
+    store8(sc + t, e);
+    sum += e;
+  }
+  const float total = hsum8(sum);
+  l = l * alpha + total;
+  if (blse) *blse = mx + std::log(total);
+  m = mx;
+  return alpha;
+}
+
+// P.V of one query over a block: acc[0..NV) = acc * alpha + sum_t p[t] v[t], kChunk accumulators in
+// registers per pass over the rows.
+template <typename T, int NV>
+__attribute__((always_inline)) inline void accumulate_pv(v8f* acc, float alpha, const float* p, const T* vb,
+                                                         int64_t n) {
+  constexpr int D = 8 * NV, kChunk = NV < 8 ? NV : 8;
+  for (int c0 = 0; c0 < NV; c0 += kChunk) {
+    v8f o[kChunk];
+    for (int v = 0; v < kChunk; ++v) o[v] = acc[c0 + v] * splat8(alpha);
+    for (int64_t t = 0; t < n; ++t) {
+      const v8f pt = splat8(p[t]);
+      for (int v = 0; v < kChunk; v += 2) {
+        v8f x, y;
+        load16(vb + t * D + 8 * (c0 + v), x, y);
+        o[v] += pt * x;
+        o[v + 1] += pt * y;
+      }
+    }
+    for (int v = 0; v < kChunk; ++v) acc[c0 + v] = o[v];
+  }
+}
+
+// The same computation with head_dim = 8 * NV known at compile time and block_size a multiple of 8:
+// scores of eight tokens come out of one reduce8 (rows past a context are read, within their block, and
+// their scores dropped), softmax runs eight lanes wide, and P.V keeps its accumulators in registers.
+// 16-bit rows are widened as they are read, once per query head: cheaper than a float32 copy.
 template <typename T, int NV>
 KV_CLONES void decode_vec(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
   constexpr int D = 8 * NV;
@@ -149,17 +227,16 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) 
   const int64_t ctx = a.ctx[b];
   const int64_t nblocks = (ctx + bs - 1) / bs;
   const int64_t j0 = s * a.seg_blocks, j1 = std::min(nblocks, j0 + a.seg_blocks);
+  alignas(32) float qs[kMaxG * D];
+  load_queries<T, NV>(a.q + (b * a.Hkv + h) * G * D, G, a.scale, qs);
   v8f acc[kMaxG][NV];
   float m[kMaxG], l[kMaxG];
   alignas(32) float sc[kMaxG][kMaxBS + 8];
-  alignas(32) float kscratch[std::is_same_v<T, float> ? 1 : kMaxBS * D];
-  alignas(32) float vscratch[std::is_same_v<T, float> ? 1 : kMaxBS * D];
   for (int64_t g = 0; g < G; ++g) {
     m[g] = -std::numeric_limits<float>::infinity();
     l[g] = 0.f;
     for (int v = 0; v < NV; ++v) acc[g][v] = splat8(0.f);
   }
-  const float* q = a.q + (b * a.Hkv + h) * G * D;
   const T* kbase = static_cast<const T*>(a.k);
   const T* vbase = static_cast<const T*>(a.v);
   constexpr int64_t line = 64 / sizeof(T);
@@ -182,69 +259,37 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) 
         __builtin_prefetch(vbase + next + e);
       }
     }
-    const float* kf = widen_rows<T, NV>(kb, n, kscratch);  // 16-bit blocks: widened once for all G heads
-    const float* vf = widen_rows<T, NV>(vb, n, vscratch);
-    for (int64_t g = 0; g < G; ++g) {  // scores, eight tokens at a time
-      const float* qg = q + g * D;
-      for (int64_t t0 = 0; t0 < n; t0 += 8) {
-        v8f d[8];
-        for (int u = 0; u < 8; ++u) {
-          d[u] = splat8(0.f);
-          if (t0 + u < n) {
-            const float* kt = kf + (t0 + u) * D;
-            for (int v = 0; v < NV; ++v) d[u] += load8(qg + 8 * v) * load8(kt + 8 * v);
-          }
-        }
-        store8(sc[g] + t0, reduce8(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]));
-      }
-    }
-    for (int64_t g = 0; g < G; ++g) {  // online softmax, then P.V with the accumulators in registers
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t t0 = 0; t0 < n; t0 += 8) store8(sc[g] + t0, scores8<T, NV>(qs + g * D, kb + t0 * D));
+    for (int64_t g = 0; g < G; ++g) {
       float* blse = a.blse ? a.blse + ((b * a.Hkv + h) * G + g) * a.W + j : nullptr;
-      const float alpha = softmax_update(sc[g], n, m[g], l[g], blse);
-      v8f o[NV];
-      for (int v = 0; v < NV; ++v) o[v] = acc[g][v] * alpha;
-      for (int64_t t = 0; t < n; ++t) {
-        const v8f p = splat8(sc[g][t]);
-        const float* vt = vf + t * D;
-        for (int v = 0; v < NV; ++v) o[v] += p * load8(vt + 8 * v);
-      }
-      for (int v = 0; v < NV; ++v) acc[g][v] = o[v];
+      const float alpha = softmax_block(sc[g], n, m[g], l[g], blse);
+      accumulate_pv<T, NV>(acc[g], alpha, sc[g], vb, n);
     }
   }
   const int64_t base = ((b * a.Hkv + h) * a.S + s) * G;
   for (int64_t g = 0; g < G; ++g) {
-    float* out = a.out + (base + g) * D;
-    const v8f inv = splat8(l[g] > 0.f ? 1.f / l[g] : 0.f);
-    for (int v = 0; v < NV; ++v) store8(out + 8 * v, acc[g][v] * inv);
+    store_row<T, NV>(a.out + (base + g) * D, acc[g], splat8(l[g] > 0.f ? 1.f / l[g] : 0.f));
     a.lse[base + g] = l[g] > 0.f ? m[g] + std::log(l[g]) : -std::numeric_limits<float>::infinity();
   }
 }
 
 template <typename T>
 void decode_item(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
-  if (a.D == 64) decode_vec<T, 8>(a, b, h, s);
-  else if (a.D == 128) decode_vec<T, 16>(a, b, h, s);
+  if (a.bs % 8 == 0 && a.D == 64) decode_vec<T, 8>(a, b, h, s);
+  else if (a.bs % 8 == 0 && a.D == 128) decode_vec<T, 16>(a, b, h, s);
   else decode_one<T>(a, b, h, s);
 }
 
-// [..., D] <-> per 16 elements, the evens then the odds (the order Rows<16-bit T> reads rows in).
-torch::Tensor deinterleave16(const torch::Tensor& x) {
-  auto sizes = x.sizes().vec();
-  const int64_t D = sizes.back();
-  return x.view({-1, D / 16, 8, 2}).transpose(-1, -2).contiguous().view(sizes);
-}
+constexpr int64_t kSerialWork = 2048;  // (token, KV head) pairs below which one thread beats waking others
 
-torch::Tensor reinterleave16(const torch::Tensor& x) {
-  auto sizes = x.sizes().vec();
-  const int64_t D = sizes.back();
-  return x.view({-1, D / 16, 2, 8}).transpose(-1, -2).contiguous().view(sizes);
-}
-
-int64_t choose_segments(int64_t B, int64_t Hkv, int64_t max_blocks) {
+// Work items per (sequence, KV head): enough segments to balance the threads (several per thread,
+// since contexts differ), each of at least 4 blocks (merging has a cost); one when the step is small.
+int64_t choose_segments(int64_t B, int64_t Hkv, int64_t max_blocks, int64_t work) {
   const int64_t threads = at::get_num_threads();
+  if (work < kSerialWork || threads == 1) return 1;
   const int64_t items = B * Hkv;
-  int64_t S = (4 * threads + items - 1) / items;  // enough work items to balance the threads
-  S = std::min(S, max_blocks / 4);  // but segments of at least 4 blocks: merging has a cost
+  const int64_t S = std::min((8 * threads + items - 1) / items, max_blocks / 4);
   return std::max<int64_t>(1, S);
 }
 
@@ -269,20 +314,21 @@ std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor
   auto tables_c = tables.contiguous();
   auto ctx_c = ctx.contiguous();
   const int64_t W = tables_c.size(1);
-  const int64_t S = num_segments > 0 ? num_segments : choose_segments(B, Hkv, W);
+  const int64_t* cp = ctx_c.data_ptr<int64_t>();
+  const int64_t work = Hkv * std::accumulate(cp, cp + B, int64_t{0});
+  const int64_t S = num_segments > 0 ? num_segments : choose_segments(B, Hkv, W, work);
   const int64_t seg_blocks = (W + S - 1) / S;
-  const bool permute = k_cache.scalar_type() != torch::kFloat && (D == 64 || D == 128);  // see Rows<T>
-  auto qf = (q.to(torch::kFloat) * scale).contiguous();
-  if (permute) qf = deinterleave16(qf);
+  auto qf = q.to(torch::kFloat).contiguous();
   auto opts = q.options().dtype(torch::kFloat);
-  auto part = torch::empty({B, Hkv, S, G, D}, opts);
-  auto plse = torch::empty({B, Hkv, S, G}, opts);
+  auto part = S == 1 ? torch::empty({B, Hq, D}, opts) : torch::empty({B, Hkv, S, G, D}, opts);
+  auto plse = S == 1 ? torch::empty({B, Hq}, opts) : torch::empty({B, Hkv, S, G}, opts);
   auto blse = block_lse ? torch::full({B, Hq, W}, -std::numeric_limits<float>::infinity(), opts) : torch::Tensor();
   DecodeArgs a{qf.data_ptr<float>(), k_cache.data_ptr(), v_cache.data_ptr(), tables_c.data_ptr<int64_t>(),
-               ctx_c.data_ptr<int64_t>(), part.data_ptr<float>(), plse.data_ptr<float>(),
-               block_lse ? blse.data_ptr<float>() : nullptr, Hkv, G, D, bs, W, S, seg_blocks};
+               cp, part.data_ptr<float>(), plse.data_ptr<float>(), block_lse ? blse.data_ptr<float>() : nullptr,
+               Hkv, G, D, bs, W, S, seg_blocks, static_cast<float>(scale)};
   const auto dtype = k_cache.scalar_type();
-  at::parallel_for(0, B * Hkv * S, 1, [&](int64_t begin, int64_t end) {
+  const int64_t items = B * Hkv * S;
+  at::parallel_for(0, items, work < kSerialWork ? items : 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / (Hkv * S), h = (i / S) % Hkv, s = i % S;
       if (dtype == torch::kFloat) decode_item<float>(a, b, h, s);
@@ -290,17 +336,13 @@ std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor
       else decode_item<c10::Half>(a, b, h, s);
     }
   });
-  torch::Tensor out, lse;
-  if (S == 1) {
-    out = part.view({B, Hq, D});
-    lse = plse.view({B, Hq});
-  } else {
+  torch::Tensor out = part, lse = plse;
+  if (S > 1) {
     out = torch::empty({B, Hq, D}, opts);
     lse = torch::empty({B, Hq}, opts);
     merge_segments(part.data_ptr<float>(), plse.data_ptr<float>(), B, Hkv, S, G, D, out.data_ptr<float>(),
                    lse.data_ptr<float>());
   }
-  if (permute) out = reinterleave16(out);
   if (block_lse) return {out.to(q.scalar_type()), lse, blse};
   return {out.to(q.scalar_type()), lse};
 }

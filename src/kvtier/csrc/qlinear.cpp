@@ -11,8 +11,10 @@
 // dot product of a group is then an integer one. Weights are stored per panel of 8 output columns and group:
 // one 32-byte vector holds 4 consecutive k of each of the 8 columns (byte 4 c + kk), so a broadcast quad of
 // activation bytes multiplies 8 columns at once: AVX2 vpmaddubsw (u8 x s8 -> s16 pairs) and vpmaddwd. Per
-// group and row: acc[c] += float(isum[c]) * (d[c] s) + m[c] sum(x), in this order on every path, so the
-// portable path gives the same bits as the AVX2 one. Rows are independent: results do not depend on M.
+// group and row, two running sums per column: acc[c] += float(isum[c]) * (d[c] s) and, for int4,
+// accm[c] += m[c] sum(x); y = acc + accm (+ bias). Every path does these operations in this order, so the
+// portable path gives the same bits as the AVX2 one and rows do not depend on M; one row keeps both sums
+// in registers (two independent FMA chains), more rows keep them in memory and unpack each group once.
 //
 // bf16: panels of 16 output columns, [K][16] per panel, the 16 columns stored interleaved (element 2 i is
 // column i, 2 i + 1 column 8 + i) so one 32-byte load widens to columns 0..7 and 8..15 by a shift and a mask;
@@ -36,6 +38,11 @@ constexpr int64_t kInt4Block = 128 + 16 + 16;   // codes, d[8], m[8] (float16) p
 constexpr int64_t kInt8Block = 256 + 16;        // codes, d[8] per panel and group
 constexpr int64_t kBf16Panel = 16;              // output columns per bf16 panel
 constexpr int64_t kRowChunk = 64;               // activation rows per pass over a thread's panels
+#ifndef KV_QL_AHEAD
+#define KV_QL_AHEAD 1536
+#endif
+constexpr int64_t kPrefetchAhead = KV_QL_AHEAD;  // bytes of weights prefetched ahead of the group in use
+constexpr int64_t kAccRow = 2 * kPanel;         // accumulators per row and panel: scale terms, min terms
 
 // ---- activations ---------------------------------------------------------------------------------------
 
@@ -71,7 +78,8 @@ ActQ quantize_activations(const float* x, int64_t M, int64_t K) {
   return a;
 }
 
-// One panel of 8 columns over all groups, rows [m0, m1): acc[(m - m0) * 8 + c] += row m . column c.
+// One panel of 8 columns over all groups, rows [m0, m1): acc[(m - m0) * 16 + c] += the scale term of row m .
+// column c, acc[(m - m0) * 16 + 8 + c] += its min term (int4; int8 leaves it zero).
 using PanelFn = void (*)(const uint8_t* panel, const ActQ& a, int64_t m0, int64_t m1, float* acc);
 
 void load_halves(const uint8_t* p, float* out) {
@@ -98,12 +106,12 @@ KV_CLONES void int4_generic(const uint8_t* panel, const ActQ& a, int64_t m0, int
     for (int64_t m = m0; m < m1; ++m) {
       const int8_t* xq = a.q.data() + m * a.K + g * kGroup;
       const float s = a.s[m * a.G + g], total = a.sum[m * a.G + g];
-      float* o = acc + (m - m0) * kPanel;
+      float* o = acc + (m - m0) * kAccRow;
       for (int c = 0; c < kPanel; ++c) {
         int32_t t = 0;
         for (int k = 0; k < kGroup; ++k) t += static_cast<int32_t>(q[c][k]) * xq[k];
         o[c] = std::fma(static_cast<float>(t), d[c] * s, o[c]);
-        o[c] = std::fma(mn[c], total, o[c]);
+        o[kPanel + c] = std::fma(mn[c], total, o[kPanel + c]);
       }
     }
   }
@@ -118,7 +126,7 @@ KV_CLONES void int8_generic(const uint8_t* panel, const ActQ& a, int64_t m0, int
     for (int64_t m = m0; m < m1; ++m) {
       const int8_t* xq = a.q.data() + m * a.K + g * kGroup;
       const float s = a.s[m * a.G + g];
-      float* o = acc + (m - m0) * kPanel;
+      float* o = acc + (m - m0) * kAccRow;
       for (int c = 0; c < kPanel; ++c) {
         int32_t t = 0;
         for (int j = 0; j < 8; ++j)
@@ -161,28 +169,55 @@ KV_AVX2 inline __m256 halves8(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-KV_AVX2 void int4_avx2(const uint8_t* panel, const ActQ& a, int64_t m0, int64_t m1, float* acc) {
-  const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+// u[j]: the codes of k = 4 j .. 4 j + 3 of the 8 columns (j < 4: low nibbles, j >= 4: high nibbles, k + 16)
+KV_AVX2 inline void int4_codes(const uint8_t* b, __m256i u[8]) {
+  const __m256i mask = _mm256_set1_epi8(15);
+  for (int j = 0; j < 4; ++j) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * j));
+    u[j] = _mm256_and_si256(v, mask);
+    u[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+  }
+}
+
+// the integer dot products of one group's activation codes with the 8 columns, as float
+KV_AVX2 inline __m256 int4_dot(const __m256i u[8], const int8_t* xq) {
+  // |pair| <= 2 * 15 * 127 and eight of them stay below 2^15: sum in int16, widen once
+  __m256i s16 = _mm256_maddubs_epi16(u[0], bcast4(xq));
+  for (int j = 1; j < 8; ++j) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(u[j], bcast4(xq + 4 * j)));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
+}
+
+// one row: both running sums stay in registers
+KV_AVX2 void int4_avx2_row(const uint8_t* panel, const ActQ& a, int64_t m, float* acc) {
+  const int8_t* xq = a.q.data() + m * a.K;
+  const float* s = a.s.data() + m * a.G;
+  const float* sum = a.sum.data() + m * a.G;
+  __m256 rd = _mm256_setzero_ps(), rm = _mm256_setzero_ps();
   for (int64_t g = 0; g < a.G; ++g) {
     const uint8_t* b = panel + g * kInt4Block;
-    __m256i u[8];  // u[j]: codes of k = 4 j .. 4 j + 3 (j < 4: low nibbles, j >= 4: high nibbles, k + 16)
-    for (int j = 0; j < 4; ++j) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * j));
-      u[j] = _mm256_and_si256(v, mask);
-      u[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-    }
+    for (int64_t e = 0; e < kInt4Block; e += 64) _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchAhead + e), _MM_HINT_T0);
+    __m256i u[8];
+    int4_codes(b, u);
+    const __m256 t = int4_dot(u, xq + g * kGroup);
+    rd = _mm256_fmadd_ps(t, _mm256_mul_ps(halves8(b + 128), _mm256_set1_ps(s[g])), rd);
+    rm = _mm256_fmadd_ps(halves8(b + 144), _mm256_set1_ps(sum[g]), rm);
+  }
+  _mm256_storeu_ps(acc, rd);
+  _mm256_storeu_ps(acc + kPanel, rm);
+}
+
+KV_AVX2 void int4_avx2(const uint8_t* panel, const ActQ& a, int64_t m0, int64_t m1, float* acc) {
+  if (m1 - m0 == 1) return int4_avx2_row(panel, a, m0, acc);
+  for (int64_t g = 0; g < a.G; ++g) {
+    const uint8_t* b = panel + g * kInt4Block;
+    __m256i u[8];
+    int4_codes(b, u);
     const __m256 d = halves8(b + 128), mn = halves8(b + 144);
     for (int64_t m = m0; m < m1; ++m) {
-      const int8_t* xq = a.q.data() + m * a.K + g * kGroup;
-      // |pair| <= 2 * 15 * 127 and eight of them stay below 2^15: sum in int16, widen once
-      __m256i s16 = _mm256_maddubs_epi16(u[0], bcast4(xq));
-      for (int j = 1; j < 8; ++j) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(u[j], bcast4(xq + 4 * j)));
-      const __m256 t = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
-      float* o = acc + (m - m0) * kPanel;
-      __m256 r = _mm256_loadu_ps(o);
-      r = _mm256_fmadd_ps(t, _mm256_mul_ps(d, _mm256_set1_ps(a.s[m * a.G + g])), r);
-      r = _mm256_fmadd_ps(mn, _mm256_set1_ps(a.sum[m * a.G + g]), r);
-      _mm256_storeu_ps(o, r);
+      const __m256 t = int4_dot(u, a.q.data() + m * a.K + g * kGroup);
+      float* o = acc + (m - m0) * kAccRow;
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(t, _mm256_mul_ps(d, _mm256_set1_ps(a.s[m * a.G + g])), _mm256_loadu_ps(o)));
+      _mm256_storeu_ps(o + kPanel, _mm256_fmadd_ps(mn, _mm256_set1_ps(a.sum[m * a.G + g]), _mm256_loadu_ps(o + kPanel)));
     }
   }
 }
@@ -204,7 +239,7 @@ KV_AVX2 void int8_avx2(const uint8_t* panel, const ActQ& a, int64_t m0, int64_t 
         const __m256i p = _mm256_maddubs_epi16(aw[j], _mm256_sign_epi8(bcast4(xq + 4 * j), w[j]));
         s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, ones));
       }
-      float* o = acc + (m - m0) * kPanel;
+      float* o = acc + (m - m0) * kAccRow;
       const __m256 r = _mm256_loadu_ps(o);
       _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(d, _mm256_set1_ps(a.s[m * a.G + g])),
                                           r));
@@ -302,7 +337,7 @@ torch::Tensor int_linear(const torch::Tensor& x, const torch::Tensor& blob, cons
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = blob.data_ptr<uint8_t>();
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> acc(kRowChunk * kPanel);
+    std::vector<float> acc(kRowChunk * kAccRow);
     for (int64_t m0 = 0; m0 < M; m0 += kRowChunk) {
       const int64_t m1 = std::min(M, m0 + kRowChunk);
       for (int64_t p = p0; p < p1; ++p) {
@@ -311,7 +346,7 @@ torch::Tensor int_linear(const torch::Tensor& x, const torch::Tensor& blob, cons
         const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
         for (int64_t m = m0; m < m1; ++m)
           for (int64_t c = 0; c < cols; ++c)
-            yp[m * N + n0 + c] = acc[(m - m0) * kPanel + c] + (bp ? bp[n0 + c] : 0.f);
+            yp[m * N + n0 + c] = acc[(m - m0) * kAccRow + c] + acc[(m - m0) * kAccRow + kPanel + c] + (bp ? bp[n0 + c] : 0.f);
       }
     }
   });

@@ -5,6 +5,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -16,7 +17,9 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint16_t v8u16 __attribute__((vector_size(16)));
 
-inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+// x in every lane. Written as vector + scalar, which compiles to one broadcast in the ISA clones: the
+// brace form {x, x, ...} compiles to a chain of lane inserts there. (A -0.0 comes out as +0.0.)
+inline v8f splat8(float x) { return v8f{} + x; }
 
 inline v8f load8(const float* p) {
   v8f v;
@@ -102,10 +105,47 @@ struct Rows<c10::BFloat16> : Rows16<c10::BFloat16> {};
 template <>
 struct Rows<c10::Half> : Rows16<c10::Half> {};
 
+// Sixteen floats of a row as two vectors: float32 rows in order, 16-bit rows deinterleaved (as Rows<T>).
+inline void load16(const float* p, v8f& a, v8f& b) {
+  a = load8(p);
+  b = load8(p + 8);
+}
+inline void load16(const c10::BFloat16* p, v8f& a, v8f& b) { load16_deinterleaved(p, a, b); }
+inline void load16(const c10::Half* p, v8f& a, v8f& b) { load16_deinterleaved(p, a, b); }
+
+inline v8f max8(v8f a, v8f b) { return a > b ? a : b; }
+inline v8f min8(v8f a, v8f b) { return a < b ? a : b; }
+
+// fast_exp of common.h on eight lanes (the same operations)
+inline v8f exp8(v8f x) {
+  x = min8(max8(x, splat8(-87.0f)), splat8(88.0f));
+  const v8f shift = splat8(12582912.0f);
+  const v8f n = (x * splat8(1.44269504088896341f) + shift) - shift;
+  const v8f r = (x - n * splat8(0.693145751953125f)) - n * splat8(1.42860682030941723212e-6f);
+  v8f p = splat8(1.0f / 720.0f);
+  p = p * r + splat8(1.0f / 120.0f);
+  p = p * r + splat8(1.0f / 24.0f);
+  p = p * r + splat8(1.0f / 6.0f);
+  p = p * r + splat8(0.5f);
+  p = p * r + splat8(1.0f);
+  p = p * r + splat8(1.0f);
+  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  v8f scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// across the lanes, by halving shuffles
+inline float hmax8(v8f a) {
+  a = max8(a, __builtin_shuffle(a, v8i{4, 5, 6, 7, 0, 1, 2, 3}));
+  a = max8(a, __builtin_shuffle(a, v8i{2, 3, 0, 1, 6, 7, 4, 5}));
+  return std::max(a[0], a[1]);
+}
+
 inline float hsum8(v8f a) {
-  float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += a[i];
-  return s;
+  a += __builtin_shuffle(a, v8i{4, 5, 6, 7, 0, 1, 2, 3});
+  a += __builtin_shuffle(a, v8i{2, 3, 0, 1, 6, 7, 4, 5});
+  return a[0] + a[1];
 }
 
 // r[i] = sum of the lanes of a_i: eight horizontal sums in seven shuffle-add rounds.
