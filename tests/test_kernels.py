@@ -38,9 +38,9 @@ def textbook(q, k, v, tables, ctx, scale):
 
 @pytest.mark.parametrize("batch,ctx,hq,hkv,d,bs", [
     (1, 1, 4, 4, 64, 16), (3, 37, 9, 3, 64, 16), (8, 300, 8, 2, 128, 16), (2, 1000, 4, 1, 64, 8),
-    (5, 77, 6, 3, 32, 32),
+    (5, 77, 6, 3, 32, 32), (2, 500, 10, 2, 128, 64), (1, 3000, 14, 2, 64, 16),
 ])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
 @pytest.mark.parametrize("segments", [0, 1, 3])
 def test_paged_decode_attention(batch, ctx, hq, hkv, d, bs, dtype, tol, segments):
     q, k, v, tables, lens = paged_case(batch, ctx, hq, hkv, d, bs, dtype)
@@ -61,6 +61,19 @@ def test_write_kv_matches_index_put():
     k_ref, v_ref = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
     attention.write_kv_reference(k_ref, v_ref, k, v, blocks, offsets)
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_write_kv_rounds_float32_rows_into_a_16_bit_cache(dtype):
+    """The decode path writes float32 K/V straight into a 16-bit cache: the same bits as Tensor.to."""
+    k_cache, v_cache = torch.zeros(4, 3, 8, 64, dtype=dtype), torch.zeros(4, 3, 8, 64, dtype=dtype)
+    k, v = torch.randn(5, 3, 64) * 100, torch.randn(5, 3, 64)
+    blocks, offsets = torch.tensor([1, 1, 3, 0, 2]), torch.tensor([0, 7, 2, 5, 5])
+    fast.write_kv(k_cache, v_cache, k, v, blocks, offsets)
+    assert torch.equal(k_cache[blocks, :, offsets], k.to(dtype))
+    assert torch.equal(v_cache[blocks, :, offsets], v.to(dtype))
+    with pytest.raises(RuntimeError, match="float32 or the cache's dtype"):
+        fast.write_kv(k_cache, v_cache, k.double(), v.double(), blocks, offsets)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])

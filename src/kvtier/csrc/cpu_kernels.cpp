@@ -11,8 +11,11 @@
 
 #include <numeric>
 
+#ifndef KV_PF_LOCALITY
+#define KV_PF_LOCALITY 2
+#endif
 #ifndef KV_PREFETCH_AHEAD
-#define KV_PREFETCH_AHEAD 2
+#define KV_PREFETCH_AHEAD 4
 #endif
 
 namespace {
@@ -152,144 +155,203 @@ inline void store_row(float* out, const v8f* acc, v8f inv) {
   }
 }
 
-// Scores of one query against eight consecutive rows k[0..8) of 8 * NV elements: eight dot products
-// accumulated in registers, reduced at once.
-template <typename T, int NV>
-__attribute__((always_inline)) inline v8f scores8(const float* qg, const T* k) {
-  constexpr int D = 8 * NV;
-  v8f d[8];
-  for (int u = 0; u < 8; ++u) d[u] = splat8(0.f);
-  for (int c = 0; c < NV / 2; ++c) {
-    const v8f qa = load8(qg + 16 * c), qb = load8(qg + 16 * c + 8);
-    for (int u = 0; u < 8; ++u) {
-      v8f x, y;
-      load16(k + u * D + 16 * c, x, y);
-      d[u] += qa * x;
-      d[u] += qb * y;
-    }
-  }
-  return reduce8(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]);
+// ---- decode attention with head_dim = 8 * NV and block_size a multiple of 8 ------------------------------
+//
+// Blocks are taken in chunks of up to kChunkTokens tokens: scores of the chunk, one online-softmax step
+// over it, then P.V. Each K or V row is widened once for a group of up to kHeads query heads (GQA), so
+// its loads and conversions are shared, and the accumulators stay in registers: scores of kHeads heads
+// x 4 rows, P.V of kHeads heads x 16 elements. Rows past a context are read (within their block) and
+// their scores dropped. q arrives, and the output leaves, in the order load16 reads rows in.
+
+constexpr int kHeads = 3;           // query heads per pass: 12 accumulators + 3 temporaries in 16 registers
+constexpr int kChunkTokens = 64;    // tokens per online-softmax step
+
+// r[u] = sum of the lanes of a[u], u < 4, in lanes 0..3
+inline void reduce4_store(v8f a0, v8f a1, v8f a2, v8f a3, float* out) {
+  const v8i ev = {0, 2, 8, 10, 4, 6, 12, 14}, od = {1, 3, 9, 11, 5, 7, 13, 15};
+  const v8f t0 = __builtin_shuffle(a0, a1, ev) + __builtin_shuffle(a0, a1, od);
+  const v8f t1 = __builtin_shuffle(a2, a3, ev) + __builtin_shuffle(a2, a3, od);
+  v8f u = __builtin_shuffle(t0, t1, ev) + __builtin_shuffle(t0, t1, od);
+  u += __builtin_shuffle(u, v8i{4, 5, 6, 7, 0, 1, 2, 3});
+  std::memcpy(out, &u, 4 * sizeof(float));
 }
 
-// softmax_update over a block's n scores eight at a time (sc has room up to a multiple of 8).
-__attribute__((always_inline)) inline float softmax_block(float* sc, int64_t n, float& m, float& l, float* blse) {
+// scores of GB heads (queries qs[g * D]) against rows k[0..4): sc[g * ld + u]
+template <typename T, int NV, int GB>
+__attribute__((always_inline)) inline void scores4(const float* qs, const T* k, float* sc, int64_t ld) {
+  constexpr int D = 8 * NV;
+  v8f d[GB][4];
+  for (int g = 0; g < GB; ++g)
+    for (int u = 0; u < 4; ++u) d[g][u] = splat8(0.f);
+  for (int c = 0; c < NV / 2; ++c)
+    for (int u = 0; u < 4; ++u) {
+      v8f x, y;
+      load16(k + u * D + 16 * c, x, y);
+      for (int g = 0; g < GB; ++g) {
+        d[g][u] += load8(qs + g * D + 16 * c) * x;
+        d[g][u] += load8(qs + g * D + 16 * c + 8) * y;
+      }
+    }
+  for (int g = 0; g < GB; ++g) reduce4_store(d[g][0], d[g][1], d[g][2], d[g][3], sc + g * ld);
+}
+
+// acc[g] += sum over rows t < n of p[g * ld + t] v[t], GB heads, 16 elements (one load16) per pass
+template <typename T, int NV, int GB>
+__attribute__((always_inline)) inline void pv_rows(v8f (*acc)[NV], const float* p, int64_t ld, const T* vb,
+                                                   int64_t n) {
+  constexpr int D = 8 * NV;
+  for (int c = 0; c < NV; c += 2) {
+    v8f o[GB][2];
+    for (int g = 0; g < GB; ++g) o[g][0] = acc[g][c], o[g][1] = acc[g][c + 1];
+    for (int64_t t = 0; t < n; ++t) {
+      v8f x, y;
+      load16(vb + t * D + 8 * c, x, y);
+      for (int g = 0; g < GB; ++g) {  // vector * scalar: one broadcast from memory
+        o[g][0] += x * p[g * ld + t];
+        o[g][1] += y * p[g * ld + t];
+      }
+    }
+    for (int g = 0; g < GB; ++g) acc[g][c] = o[g][0], acc[g][c + 1] = o[g][1];
+  }
+}
+
+// One pass per group of up to kHeads heads: f(g0, std::integral_constant<int, GB>)
+template <typename F>
+__attribute__((always_inline)) inline void head_groups(int64_t G, F&& f) {
+  int64_t g = 0;
+  for (; g + kHeads <= G; g += kHeads) f(g, std::integral_constant<int, kHeads>{});
+  if (G - g == 2) f(g, std::integral_constant<int, 2>{});
+  else if (G - g == 1) f(g, std::integral_constant<int, 1>{});
+}
+
+// One online-softmax step over a chunk of nb blocks (sc: the chunk's scores, block i at i * bs, the last
+// block holding n_last): sc becomes exp(sc - max), zero past n_last; blse[i] per block if given.
+__attribute__((always_inline)) inline float softmax_chunk(float* sc, int64_t nb, int64_t bs, int64_t n_last,
+                                                          float& m, float& l, float* blse) {
   const float ninf = -std::numeric_limits<float>::infinity();
-  const int64_t n8 = (n + 7) & ~int64_t{7};
-  for (int64_t t = n; t < n8; ++t) sc[t] = ninf;
+  const int64_t ntok = (nb - 1) * bs + n_last, n8 = (ntok + 7) & ~int64_t{7};
+  for (int64_t t = ntok; t < n8; ++t) sc[t] = ninf;
   v8f vmx = splat8(m);
   for (int64_t t = 0; t < n8; t += 8) vmx = max8(vmx, load8(sc + t));
   const float mx = hmax8(vmx);
   const float alpha = fast_exp(m - mx);
-  v8f sum = splat8(0.f);
-  for (int64_t t = 0; t < n8; t += 8) {
-    const v8f x = load8(sc + t);
-    const v8f e = x == splat8(ninf) ? splat8(0.f) : exp8(x - splat8(mx));  // padding counts zero
-    store8(sc + t, e);
-    sum += e;
+  float total = 0.f;
+  for (int64_t i = 0; i < nb; ++i) {
+    v8f sum = splat8(0.f);
+    for (int64_t t = i * bs; t < std::min(n8, (i + 1) * bs); t += 8) {
+      const v8f x = load8(sc + t);
+      const v8f e = x == splat8(ninf) ? splat8(0.f) : exp8(x - splat8(mx));  // padding counts zero
+      store8(sc + t, e);
+      sum += e;
+    }
+    const float bsum = hsum8(sum);
+    total += bsum;
+    if (blse) blse[i] = mx + std::log(bsum);
   }
-  const float total = hsum8(sum);
   l = l * alpha + total;
-  if (blse) *blse = mx + std::log(total);
   m = mx;
   return alpha;
 }
 
-// P.V of one query over a block: acc[0..NV) = acc * alpha + sum_t p[t] v[t], kChunk accumulators in
-// registers per pass over the rows.
-template <typename T, int NV>
-__attribute__((always_inline)) inline void accumulate_pv(v8f* acc, float alpha, const float* p, const T* vb,
-                                                         int64_t n) {
-  constexpr int D = 8 * NV, kChunk = NV < 8 ? NV : 8;
-  for (int c0 = 0; c0 < NV; c0 += kChunk) {
-    v8f o[kChunk];
-    for (int v = 0; v < kChunk; ++v) o[v] = acc[c0 + v] * splat8(alpha);
-    for (int64_t t = 0; t < n; ++t) {
-      const v8f pt = splat8(p[t]);
-      for (int v = 0; v < kChunk; v += 2) {
-        v8f x, y;
-        load16(vb + t * D + 8 * (c0 + v), x, y);
-        o[v] += pt * x;
-        o[v + 1] += pt * y;
-      }
-    }
-    for (int v = 0; v < kChunk; ++v) acc[c0 + v] = o[v];
+// n floats on a 64-byte boundary (std::vector of vector types does not promise their alignment)
+struct AlignedFloats {
+  float* p;
+  explicit AlignedFloats(int64_t n) : p(static_cast<float*>(std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64))) {
+    TORCH_CHECK(p != nullptr, "out of memory");
   }
-}
-
-// The same computation with head_dim = 8 * NV known at compile time and block_size a multiple of 8:
-// scores of eight tokens come out of one reduce8 (rows past a context are read, within their block, and
-// their scores dropped), softmax runs eight lanes wide, and P.V keeps its accumulators in registers.
-// 16-bit rows are widened as they are read, once per query head: cheaper than a float32 copy.
-template <typename T, int NV>
-KV_CLONES void decode_vec(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
-  constexpr int D = 8 * NV;
-  const int64_t G = a.G, bs = a.bs;
-  const int64_t ctx = a.ctx[b];
-  const int64_t nblocks = (ctx + bs - 1) / bs;
-  const int64_t j0 = s * a.seg_blocks, j1 = std::min(nblocks, j0 + a.seg_blocks);
-  alignas(32) float qs[kMaxG * D];
-  load_queries<T, NV>(a.q + (b * a.Hkv + h) * G * D, G, a.scale, qs);
-  v8f acc[kMaxG][NV];
-  float m[kMaxG], l[kMaxG];
-  alignas(32) float sc[kMaxG][kMaxBS + 8];
-  for (int64_t g = 0; g < G; ++g) {
-    m[g] = -std::numeric_limits<float>::infinity();
-    l[g] = 0.f;
-    for (int v = 0; v < NV; ++v) acc[g][v] = splat8(0.f);
-  }
-  const T* kbase = static_cast<const T*>(a.k);
-  const T* vbase = static_cast<const T*>(a.v);
-  constexpr int64_t line = 64 / sizeof(T);
-  for (int64_t j = j0; j < std::min(j1, j0 + kAhead); ++j) {  // warm up the prefetch window
-    const int64_t first = (a.tables[b * a.W + j] * a.Hkv + h) * bs * D;
-    for (int64_t e = 0; e < bs * D; e += line) {
-      __builtin_prefetch(kbase + first + e);
-      __builtin_prefetch(vbase + first + e);
-    }
-  }
-  for (int64_t j = j0; j < j1; ++j) {
-    const int64_t blk = a.tables[b * a.W + j];
-    const int64_t n = std::min(bs, ctx - j * bs);
-    const T* kb = kbase + (blk * a.Hkv + h) * bs * D;
-    const T* vb = vbase + (blk * a.Hkv + h) * bs * D;
-    if (j + kAhead < j1) {  // blocks are scattered pages: fetch one a few blocks ahead
-      const int64_t next = (a.tables[b * a.W + j + kAhead] * a.Hkv + h) * bs * D;
-      for (int64_t e = 0; e < bs * D; e += line) {
-        __builtin_prefetch(kbase + next + e);
-        __builtin_prefetch(vbase + next + e);
-      }
-    }
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t t0 = 0; t0 < n; t0 += 8) store8(sc[g] + t0, scores8<T, NV>(qs + g * D, kb + t0 * D));
-    for (int64_t g = 0; g < G; ++g) {
-      float* blse = a.blse ? a.blse + ((b * a.Hkv + h) * G + g) * a.W + j : nullptr;
-      const float alpha = softmax_block(sc[g], n, m[g], l[g], blse);
-      accumulate_pv<T, NV>(acc[g], alpha, sc[g], vb, n);
-    }
-  }
-  const int64_t base = ((b * a.Hkv + h) * a.S + s) * G;
-  for (int64_t g = 0; g < G; ++g) {
-    store_row<T, NV>(a.out + (base + g) * D, acc[g], splat8(l[g] > 0.f ? 1.f / l[g] : 0.f));
-    a.lse[base + g] = l[g] > 0.f ? m[g] + std::log(l[g]) : -std::numeric_limits<float>::infinity();
-  }
-}
+  ~AlignedFloats() { std::free(p); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+};
 
 template <typename T>
-void decode_item(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
-  if (a.bs % 8 == 0 && a.D == 64) decode_vec<T, 8>(a, b, h, s);
-  else if (a.bs % 8 == 0 && a.D == 128) decode_vec<T, 16>(a, b, h, s);
-  else decode_one<T>(a, b, h, s);
+inline void prefetch_block(const T* kbase, const T* vbase, int64_t offset, int64_t elems) {
+#ifndef KV_NO_PREFETCH
+  constexpr int64_t line = 64 / sizeof(T);
+  for (int64_t e = 0; e < elems; e += line) {
+    __builtin_prefetch(kbase + offset + e, 0, KV_PF_LOCALITY);
+    __builtin_prefetch(vbase + offset + e, 0, KV_PF_LOCALITY);
+  }
+#endif
+}
+
+// One segment of one sequence, all KV heads: a block's K (and V) of every head is one contiguous
+// [Hkv, bs, D] slab, so the reads stream through memory (per-head items would jump between 2 KB pieces
+// and defeat the hardware prefetchers). Per-head state (accumulators, max, sum) lives across chunks.
+template <typename T, int NV>
+KV_CLONES void decode_vec(const DecodeArgs& a, int64_t b, int64_t s) {
+  constexpr int D = 8 * NV;
+  const int64_t G = a.G, Hkv = a.Hkv, Hq = Hkv * G, bs = a.bs, ctx = a.ctx[b];
+  const int64_t nblocks = (ctx + bs - 1) / bs;
+  const int64_t j0 = s * a.seg_blocks, j1 = std::min(nblocks, j0 + a.seg_blocks);
+  const int64_t chunk = std::max<int64_t>(1, kChunkTokens / bs);  // blocks per softmax step
+  constexpr int64_t ld = kChunkTokens + 8;  // score row stride
+  AlignedFloats accs(Hq * D), qs(Hq * D);  // accumulators [Hq][NV] vectors, queries [Hq, D]
+  std::vector<float> m(Hq, -std::numeric_limits<float>::infinity()), l(Hq, 0.f);
+  alignas(32) float sc[kMaxG * ld];
+  auto acc = reinterpret_cast<v8f(*)[NV]>(accs.p);
+  for (int64_t q = 0; q < Hq; ++q)
+    for (int v = 0; v < NV; ++v) acc[q][v] = splat8(0.f);
+  for (int64_t h = 0; h < Hkv; ++h) load_queries<T, NV>(a.q + (b * Hkv + h) * G * D, G, a.scale, qs.p + h * G * D);
+  const T* kbase = static_cast<const T*>(a.k);
+  const T* vbase = static_cast<const T*>(a.v);
+  const int64_t slab = Hkv * bs * D;  // one block, all heads
+  auto block_at = [&](int64_t j) { return a.tables[b * a.W + j] * slab; };
+  for (int64_t j = j0; j < std::min(j1, j0 + kAhead); ++j) prefetch_block(kbase, vbase, block_at(j), slab);
+  for (int64_t c0 = j0; c0 < j1; c0 += chunk) {
+    const int64_t nb = std::min(chunk, j1 - c0);
+    const int64_t n_last = std::min(bs, ctx - (c0 + nb - 1) * bs);
+    for (int64_t j = c0 + kAhead; j < std::min(j1, c0 + nb + kAhead); ++j)  // scattered pages: fetch ahead
+      prefetch_block(kbase, vbase, block_at(j), slab);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const float* qh = qs.p + h * G * D;
+      for (int64_t i = 0; i < nb; ++i) {  // scores
+        const int64_t n = i + 1 < nb ? bs : n_last;
+        const T* kb = kbase + block_at(c0 + i) + h * bs * D;
+        head_groups(G, [&](int64_t g0, auto gb) {
+          for (int64_t t0 = 0; t0 < n; t0 += 4)
+            scores4<T, NV, decltype(gb)::value>(qh + g0 * D, kb + t0 * D, sc + g0 * ld + i * bs + t0, ld);
+        });
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t q = h * G + g;
+        float* blse = a.blse ? a.blse + (b * Hq + q) * a.W + c0 : nullptr;
+        const float alpha = softmax_chunk(sc + g * ld, nb, bs, n_last, m[q], l[q], blse);
+        for (int v = 0; v < NV; ++v) acc[q][v] *= splat8(alpha);
+      }
+      for (int64_t i = 0; i < nb; ++i) {  // P.V
+        const int64_t n = i + 1 < nb ? bs : n_last;
+        const T* vb = vbase + block_at(c0 + i) + h * bs * D;
+        head_groups(G, [&](int64_t g0, auto gb) {
+          pv_rows<T, NV, decltype(gb)::value>(acc + h * G + g0, sc + g0 * ld + i * bs, ld, vb, n);
+        });
+      }
+    }
+  }
+  for (int64_t q = 0; q < Hq; ++q) {
+    const int64_t h = q / G, g = q % G, at = ((b * Hkv + h) * a.S + s) * G + g;
+    store_row<T, NV>(a.out + at * D, acc[q], splat8(l[q] > 0.f ? 1.f / l[q] : 0.f));
+    a.lse[at] = l[q] > 0.f ? m[q] + std::log(l[q]) : -std::numeric_limits<float>::infinity();
+  }
+}
+
+// one work item: one segment of one sequence, all KV heads
+template <typename T>
+void decode_item(const DecodeArgs& a, int64_t b, int64_t s) {
+  if (a.bs % 8 == 0 && a.D == 64) decode_vec<T, 8>(a, b, s);
+  else if (a.bs % 8 == 0 && a.D == 128) decode_vec<T, 16>(a, b, s);
+  else
+    for (int64_t h = 0; h < a.Hkv; ++h) decode_one<T>(a, b, h, s);
 }
 
 constexpr int64_t kSerialWork = 2048;  // (token, KV head) pairs below which one thread beats waking others
 
-// Work items per (sequence, KV head): enough segments to balance the threads (several per thread,
-// since contexts differ), each of at least 4 blocks (merging has a cost); one when the step is small.
-int64_t choose_segments(int64_t B, int64_t Hkv, int64_t max_blocks, int64_t work) {
+// Segments per sequence: enough work items to balance the threads (several per thread, since contexts
+// differ), each of at least 4 blocks (merging has a cost); one when the step is small.
+int64_t choose_segments(int64_t B, int64_t max_blocks, int64_t work) {
   const int64_t threads = at::get_num_threads();
   if (work < kSerialWork || threads == 1) return 1;
-  const int64_t items = B * Hkv;
-  const int64_t S = std::min((8 * threads + items - 1) / items, max_blocks / 4);
+  const int64_t S = std::min((8 * threads + B - 1) / B, max_blocks / 4);
   return std::max<int64_t>(1, S);
 }
 
@@ -316,7 +378,7 @@ std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor
   const int64_t W = tables_c.size(1);
   const int64_t* cp = ctx_c.data_ptr<int64_t>();
   const int64_t work = Hkv * std::accumulate(cp, cp + B, int64_t{0});
-  const int64_t S = num_segments > 0 ? num_segments : choose_segments(B, Hkv, W, work);
+  const int64_t S = num_segments > 0 ? num_segments : choose_segments(B, W, work);
   const int64_t seg_blocks = (W + S - 1) / S;
   auto qf = q.to(torch::kFloat).contiguous();
   auto opts = q.options().dtype(torch::kFloat);
@@ -327,13 +389,12 @@ std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor
                cp, part.data_ptr<float>(), plse.data_ptr<float>(), block_lse ? blse.data_ptr<float>() : nullptr,
                Hkv, G, D, bs, W, S, seg_blocks, static_cast<float>(scale)};
   const auto dtype = k_cache.scalar_type();
-  const int64_t items = B * Hkv * S;
+  const int64_t items = B * S;
   at::parallel_for(0, items, work < kSerialWork ? items : 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / (Hkv * S), h = (i / S) % Hkv, s = i % S;
-      if (dtype == torch::kFloat) decode_item<float>(a, b, h, s);
-      else if (dtype == torch::kBFloat16) decode_item<c10::BFloat16>(a, b, h, s);
-      else decode_item<c10::Half>(a, b, h, s);
+      if (dtype == torch::kFloat) decode_item<float>(a, i / S, i % S);
+      else if (dtype == torch::kBFloat16) decode_item<c10::BFloat16>(a, i / S, i % S);
+      else decode_item<c10::Half>(a, i / S, i % S);
     }
   });
   torch::Tensor out = part, lse = plse;
@@ -349,30 +410,42 @@ std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor
 
 // ---- KV cache write -----------------------------------------------------------------------------
 
-// k, v: [T, Hkv, D] (any strides along T and heads, unit stride along D); blocks, offsets: [T].
+// k, v: [T, Hkv, D] (any strides along T and heads, unit stride along D), in the cache's dtype or float32
+// (rounded to the cache's dtype as it is written, as Tensor.to rounds); blocks, offsets: [T].
+template <typename T>
+void write_rows(T* cache, const torch::Tensor& x, const int64_t* bp, const int64_t* op, int64_t Hkv, int64_t bs) {
+  const int64_t rows = x.size(0) * Hkv, D = x.size(2);
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / Hkv, h = i % Hkv;
+      T* dst = cache + ((bp[t] * Hkv + h) * bs + op[t]) * D;
+      const int64_t src = t * x.stride(0) + h * x.stride(1);
+      if (x.scalar_type() == c10::CppTypeToScalarType<T>::value) {
+        std::memcpy(dst, x.data_ptr<T>() + src, D * sizeof(T));
+      } else {
+        const float* xs = x.data_ptr<float>() + src;
+        for (int64_t d = 0; d < D; ++d) dst[d] = from_f<T>(xs[d]);
+      }
+    }
+  });
+}
+
 void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
               torch::Tensor blocks, torch::Tensor offsets) {
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k and v need unit stride along head_dim");
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
-              "k/v dtype differs from the cache's");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && k.scalar_type() == v.scalar_type(), "dtypes");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() || k.scalar_type() == torch::kFloat,
+              "k/v must be float32 or the cache's dtype");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k.sizes() == v.sizes(), "shapes");
   TORCH_CHECK(blocks.scalar_type() == torch::kLong && offsets.scalar_type() == torch::kLong, "int64 slots");
-  const int64_t T = k.size(0), Hkv = k.size(1), D = k.size(2), bs = k_cache.size(2);
+  const int64_t Hkv = k.size(1), bs = k_cache.size(2);
   auto bl = blocks.contiguous(), of = offsets.contiguous();
   const int64_t* bp = bl.data_ptr<int64_t>();
   const int64_t* op = of.data_ptr<int64_t>();
-  const int64_t es = k.element_size();
-  char* kc = static_cast<char*>(k_cache.data_ptr());
-  char* vc = static_cast<char*>(v_cache.data_ptr());
-  const char* kp = static_cast<const char*>(k.data_ptr());
-  const char* vp = static_cast<const char*>(v.data_ptr());
-  at::parallel_for(0, T * Hkv, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = i / Hkv, h = i % Hkv;
-      const int64_t dst = ((bp[t] * Hkv + h) * bs + op[t]) * D * es;
-      std::memcpy(kc + dst, kp + (t * k.stride(0) + h * k.stride(1)) * es, D * es);
-      std::memcpy(vc + dst, vp + (t * v.stride(0) + h * v.stride(1)) * es, D * es);
-    }
+  dispatch(k_cache.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    write_rows<T>(k_cache.data_ptr<T>(), k, bp, op, Hkv, bs);
+    write_rows<T>(v_cache.data_ptr<T>(), v, bp, op, Hkv, bs);
   });
 }
 

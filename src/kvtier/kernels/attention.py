@@ -24,7 +24,7 @@ def _fast(t: torch.Tensor):
 def write_kv(
     k_cache: torch.Tensor,  # [NB, Hkv, bs, D]
     v_cache: torch.Tensor,  # [NB, Hkv, bs, D]
-    k: torch.Tensor,  # [T, Hkv, D]
+    k: torch.Tensor,  # [T, Hkv, D] the cache's dtype, or float32 (rounded as it is written)
     v: torch.Tensor,  # [T, Hkv, D]
     blocks: torch.Tensor,  # [T] block id of each new token
     offsets: torch.Tensor,  # [T] slot in its block
@@ -44,8 +44,8 @@ def write_kv_reference(
     blocks: torch.Tensor,  # [T] block id of each new token
     offsets: torch.Tensor,  # [T] slot in its block
 ) -> None:
-    k_cache[blocks, :, offsets] = k
-    v_cache[blocks, :, offsets] = v
+    k_cache[blocks, :, offsets] = k.to(k_cache.dtype)
+    v_cache[blocks, :, offsets] = v.to(v_cache.dtype)
 
 
 @dataclass(slots=True)

@@ -165,7 +165,8 @@ class _WeightOnlyLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in] -> [T, out]
         dtype = x.dtype
-        x = x.float()
+        if dtype != torch.float32:
+            x = x.float()
         fast = _kernels(x) if self.packed is not None else None
         y = self._fast(fast, x) if fast is not None else F.linear(x, self._float_weight(), self.bias)
         return y if dtype == torch.float32 else y.to(dtype)

@@ -27,6 +27,14 @@ class TargetWrite:
     rows: torch.Tensor | None  # rows of the flat batch going to this target (None: all of them)
     slots: torch.Tensor  # [n] slot of each row's block
     offsets: torch.Tensor  # [n] position in the block
+    copies: dict = field(default_factory=dict)  # slots and offsets on another device, made once a step
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device == self.slots.device:
+            return self.slots, self.offsets
+        if device not in self.copies:
+            self.copies[device] = (self.slots.to(device), self.offsets.to(device))
+        return self.copies[device]
 
 
 @dataclass(slots=True)
@@ -34,6 +42,12 @@ class TargetDecode:
     target: int
     plan: DecodePlan  # slot tables [B, W_t] and token counts [B] of the blocks in this target
     blocks: np.ndarray  # [B, W_t] logical ids of those blocks (-1: padding)
+    copies: dict = field(default_factory=dict)  # the plan on another device, made once a step
+
+    def plan_on(self, device: torch.device) -> DecodePlan:
+        if device not in self.copies:
+            self.copies[device] = DecodePlan(self.plan.block_tables.to(device), self.plan.context_lens.to(device))
+        return self.copies[device]
 
 
 @dataclass(slots=True)
@@ -163,13 +177,15 @@ class TieredKVCache:
         v: torch.Tensor,  # [T, Hkv, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, Hq, D]
-        kv_dtype = self.storages[0].layout.dtype  # what the cache holds (and its rounding)
-        k, v = k.to(kv_dtype), v.to(kv_dtype)
+        kv_dtype = self.storages[0].layout.dtype
+        if meta.prefills or k.dtype not in (kv_dtype, torch.float32):
+            k, v = k.to(kv_dtype), v.to(kv_dtype)  # prefill attends to K/V as the cache holds them (rounded)
         for w in meta.writes:
             k_cache, v_cache = self.storages[w.target].layer(layer)
             kk, vv = (k, v) if w.rows is None else (k[w.rows], v[w.rows])
-            dev = k_cache.device
-            write_kv(k_cache, v_cache, kk.to(dev), vv.to(dev), w.slots.to(dev), w.offsets.to(dev))
+            if k_cache.device != self.device:
+                kk, vv = kk.to(k_cache.device), vv.to(k_cache.device)
+            write_kv(k_cache, v_cache, kk, vv, *w.on(k_cache.device))
         nd = meta.num_decode
         if nd and not meta.prefills:
             return self._decode(layer, q, meta)
@@ -197,14 +213,17 @@ class TieredKVCache:
         (a host target on a GPU machine: CPU attention, NEO-style), returned on q's device."""
         k_cache, v_cache = self.storages[d.target].layer(layer)
         dev = k_cache.device
-        qd, plan = q.to(dev), d.plan if dev == self.device else _plan_to(d.plan, dev)
+        here = dev == q.device
+        qd, plan = (q, d.plan) if here else (q.to(dev), d.plan_on(dev))
         special = getattr(self.policy, "decode_attention", None)
         res = special(layer, qd, k_cache, v_cache, plan, self.scale) if special else None
         if res is not None:  # a policy's own attention (KCache)
             self.v_rows_read += int((res.selected >= 0).sum())
-            return res.out.to(q.device), res.lse.to(q.device), None
-        res = paged_decode_attention(qd, k_cache, v_cache, plan, self.scale, return_lse=True, block_lse=observe)
-        res = [r.to(q.device) for r in res]
+            res = (res.out, res.lse)
+        else:
+            res = paged_decode_attention(qd, k_cache, v_cache, plan, self.scale, return_lse=True, block_lse=observe)
+        if not here:
+            res = [r.to(q.device) for r in res]
         return res[0], res[1], res[2] if observe else None
 
     def _observe(self, meta: AttentionMetadata, lse: torch.Tensor, block_lses: list) -> None:
@@ -256,6 +275,3 @@ class TieredKVCache:
         for t in np.unique(tgt):
             self.storages[int(t)].zero(self._t(slots[tgt == t]))
 
-
-def _plan_to(plan: DecodePlan, device: torch.device) -> DecodePlan:
-    return DecodePlan(plan.block_tables.to(device), plan.context_lens.to(device))

@@ -110,6 +110,7 @@ class KVStorage:
         # empty, not zeros: pages are committed as blocks are used; new blocks are zeroed on allocation
         self.k = mems[target.k_tier].empty(shape, layout.dtype)
         self.v = mems[target.v_tier].empty(shape, layout.dtype)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # views, made once
 
     @property
     def name(self) -> str:
@@ -121,12 +122,13 @@ class KVStorage:
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one layer, each [num_slots, Hkv, block_size, D]."""
-        return self.k[layer], self.v[layer]
+        return self._layers[layer]
 
     def zero(self, slots: torch.Tensor) -> None:
         """Clear freshly allocated slots so attention never reads stale bits past a context."""
-        self.k[:, slots] = 0
-        self.v[:, slots] = 0
+        idx = slots.to(self.k.device)
+        self.k.index_fill_(1, idx, 0)
+        self.v.index_fill_(1, idx, 0)
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of K and V of ``slots`` (all layers), each [L, n, Hkv, block_size, D]."""

@@ -129,11 +129,10 @@ class LlamaModel:
 
     def _attention(self, i, layer: LayerWeights, x, positions, kv: TieredKVCache, meta) -> torch.Tensor:
         cfg, t = self.cfg, x.shape[0]
-        qkv = layer.qkv(x)  # [T, (Hq + 2 Hkv) * D]
-        qk = ops.rope_(qkv[:, : cfg.q_size + cfg.kv_size].view(t, -1, cfg.head_dim), self.cos, self.sin_signed,
-                       positions)  # q and k rotated at once, in place
-        q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]  # [T, Hq, D], [T, Hkv, D]
-        v = qkv[:, cfg.q_size + cfg.kv_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
+        heads = layer.qkv(x).view(t, -1, cfg.head_dim)  # [T, Hq + 2 Hkv, D]
+        qk, v = heads.split([cfg.num_heads + cfg.num_kv_heads, cfg.num_kv_heads], dim=1)
+        ops.rope_(qk, self.cos, self.sin_signed, positions)  # q and k rotated at once, in place
+        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)  # [T, Hq, D], [T, Hkv, D]
         o = kv.attend(i, q, k, v, meta)  # [T, Hq, D]
         return layer.o(o.reshape(t, cfg.q_size))
 
