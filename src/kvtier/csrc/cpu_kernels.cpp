@@ -15,7 +15,7 @@
 #define KV_PF_LOCALITY 2
 #endif
 #ifndef KV_PREFETCH_AHEAD
-#define KV_PREFETCH_AHEAD 4
+#define KV_PREFETCH_AHEAD 2
 #endif
 
 namespace {
@@ -158,15 +158,16 @@ inline void store_row(float* out, const v8f* acc, v8f inv) {
 // ---- decode attention with head_dim = 8 * NV and block_size a multiple of 8 ------------------------------
 //
 // Blocks are taken in chunks of up to kChunkTokens tokens: scores of the chunk, one online-softmax step
-// over it, then P.V. Each K or V row is widened once for a group of up to kHeads query heads (GQA), so
-// its loads and conversions are shared, and the accumulators stay in registers: scores of kHeads heads
-// x 4 rows, P.V of kHeads heads x 16 elements. Rows past a context are read (within their block) and
-// their scores dropped. q arrives, and the output leaves, in the order load16 reads rows in.
+// over it, then P.V. Each K or V row is widened once for a group of query heads (GQA), so its loads
+// and conversions are shared, and the accumulators stay in registers. Groups are sized so that at least
+// eight independent FMA chains are in flight (an FMA's latency is four cycles, two issue per cycle) and
+// everything fits in 16 vector registers: scores of 3 or 2 heads x 4 rows, or 1 head x 8 rows; P.V of
+// 4 or 3 heads x 16 elements, 2 heads x 32 or 1 head x 64. Rows past a context are read (within their
+// block) and their scores dropped. q arrives, and the output leaves, in the order load16 reads rows in.
 
-constexpr int kHeads = 3;           // query heads per pass: 12 accumulators + 3 temporaries in 16 registers
 constexpr int kChunkTokens = 64;    // tokens per online-softmax step
 
-// r[u] = sum of the lanes of a[u], u < 4, in lanes 0..3
+// sums of the lanes of a0..a3 -> out[0..4)
 inline void reduce4_store(v8f a0, v8f a1, v8f a2, v8f a3, float* out) {
   const v8i ev = {0, 2, 8, 10, 4, 6, 12, 14}, od = {1, 3, 9, 11, 5, 7, 13, 15};
   const v8f t0 = __builtin_shuffle(a0, a1, ev) + __builtin_shuffle(a0, a1, od);
@@ -176,15 +177,15 @@ inline void reduce4_store(v8f a0, v8f a1, v8f a2, v8f a3, float* out) {
   std::memcpy(out, &u, 4 * sizeof(float));
 }
 
-// scores of GB heads (queries qs[g * D]) against rows k[0..4): sc[g * ld + u]
-template <typename T, int NV, int GB>
-__attribute__((always_inline)) inline void scores4(const float* qs, const T* k, float* sc, int64_t ld) {
+// scores of GB heads (queries qs[g * D]) against rows k[0..U): sc[g * ld + u]; U is 4 or 8
+template <typename T, int NV, int GB, int U>
+__attribute__((always_inline)) inline void scores_rows(const float* qs, const T* k, float* sc, int64_t ld) {
   constexpr int D = 8 * NV;
-  v8f d[GB][4];
+  v8f d[GB][U];
   for (int g = 0; g < GB; ++g)
-    for (int u = 0; u < 4; ++u) d[g][u] = splat8(0.f);
+    for (int u = 0; u < U; ++u) d[g][u] = splat8(0.f);
   for (int c = 0; c < NV / 2; ++c)
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < U; ++u) {
       v8f x, y;
       load16(k + u * D + 16 * c, x, y);
       for (int g = 0; g < GB; ++g) {
@@ -192,36 +193,55 @@ __attribute__((always_inline)) inline void scores4(const float* qs, const T* k, 
         d[g][u] += load8(qs + g * D + 16 * c + 8) * y;
       }
     }
-  for (int g = 0; g < GB; ++g) reduce4_store(d[g][0], d[g][1], d[g][2], d[g][3], sc + g * ld);
-}
-
-// acc[g] += sum over rows t < n of p[g * ld + t] v[t], GB heads, 16 elements (one load16) per pass
-template <typename T, int NV, int GB>
-__attribute__((always_inline)) inline void pv_rows(v8f (*acc)[NV], const float* p, int64_t ld, const T* vb,
-                                                   int64_t n) {
-  constexpr int D = 8 * NV;
-  for (int c = 0; c < NV; c += 2) {
-    v8f o[GB][2];
-    for (int g = 0; g < GB; ++g) o[g][0] = acc[g][c], o[g][1] = acc[g][c + 1];
-    for (int64_t t = 0; t < n; ++t) {
-      v8f x, y;
-      load16(vb + t * D + 8 * c, x, y);
-      for (int g = 0; g < GB; ++g) {  // vector * scalar: one broadcast from memory
-        o[g][0] += x * p[g * ld + t];
-        o[g][1] += y * p[g * ld + t];
-      }
-    }
-    for (int g = 0; g < GB; ++g) acc[g][c] = o[g][0], acc[g][c + 1] = o[g][1];
+  for (int g = 0; g < GB; ++g) {
+    if constexpr (U == 8) store8(sc + g * ld, reduce8(d[g][0], d[g][1], d[g][2], d[g][3], d[g][4], d[g][5], d[g][6], d[g][7]));
+    else reduce4_store(d[g][0], d[g][1], d[g][2], d[g][3], sc + g * ld);
   }
 }
 
-// One pass per group of up to kHeads heads: f(g0, std::integral_constant<int, GB>)
+// acc[g] += sum over rows t < n of p[g * ld + t] v[t], GB heads, VC vectors (VC / 2 load16) per pass
+template <typename T, int NV, int GB, int VC>
+__attribute__((always_inline)) inline void pv_rows(v8f (*acc)[NV], const float* p, int64_t ld, const T* vb,
+                                                   int64_t n) {
+  constexpr int D = 8 * NV;
+  for (int c0 = 0; c0 < NV; c0 += VC) {
+    v8f o[GB][VC];
+    for (int g = 0; g < GB; ++g)
+      for (int v = 0; v < VC; ++v) o[g][v] = acc[g][c0 + v];
+    for (int64_t t = 0; t < n; ++t)
+      for (int v = 0; v < VC; v += 2) {
+        v8f x, y;
+        load16(vb + t * D + 8 * (c0 + v), x, y);
+        for (int g = 0; g < GB; ++g) {  // vector * scalar: one broadcast from memory
+          o[g][v] += x * p[g * ld + t];
+          o[g][v + 1] += y * p[g * ld + t];
+        }
+      }
+    for (int g = 0; g < GB; ++g)
+      for (int v = 0; v < VC; ++v) acc[g][c0 + v] = o[g][v];
+  }
+}
+
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+// Score passes over G heads: f(g0, heads, rows per call)
 template <typename F>
-__attribute__((always_inline)) inline void head_groups(int64_t G, F&& f) {
+__attribute__((always_inline)) inline void score_groups(int64_t G, F&& f) {
   int64_t g = 0;
-  for (; g + kHeads <= G; g += kHeads) f(g, std::integral_constant<int, kHeads>{});
-  if (G - g == 2) f(g, std::integral_constant<int, 2>{});
-  else if (G - g == 1) f(g, std::integral_constant<int, 1>{});
+  for (; G - g >= 5 || G - g == 3; g += 3) f(g, Int<3>{}, Int<4>{});
+  for (; G - g >= 2; g += 2) f(g, Int<2>{}, Int<4>{});
+  if (G - g == 1) f(g, Int<1>{}, Int<8>{});
+}
+
+// P.V passes over G heads: f(g0, heads, vectors per pass)
+template <typename F>
+__attribute__((always_inline)) inline void pv_groups(int64_t G, F&& f) {
+  int64_t g = 0;
+  for (; G - g >= 4; g += 4) f(g, Int<4>{}, Int<2>{});
+  if (G - g == 3) f(g, Int<3>{}, Int<2>{});
+  else if (G - g == 2) f(g, Int<2>{}, Int<4>{});
+  else if (G - g == 1) f(g, Int<1>{}, Int<8>{});
 }
 
 // One online-softmax step over a chunk of nb blocks (sc: the chunk's scores, block i at i * bs, the last
@@ -288,7 +308,8 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t b, int64_t s) {
   constexpr int64_t ld = kChunkTokens + 8;  // score row stride
   AlignedFloats accs(Hq * D), qs(Hq * D);  // accumulators [Hq][NV] vectors, queries [Hq, D]
   std::vector<float> m(Hq, -std::numeric_limits<float>::infinity()), l(Hq, 0.f);
-  alignas(32) float sc[kMaxG * ld];
+  AlignedFloats scores(Hq * ld);  // [Hq, ld]: the chunk's scores, then probabilities
+  float* sc = scores.p;
   auto acc = reinterpret_cast<v8f(*)[NV]>(accs.p);
   for (int64_t q = 0; q < Hq; ++q)
     for (int v = 0; v < NV; ++v) acc[q][v] = splat8(0.f);
@@ -297,33 +318,36 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t b, int64_t s) {
   const T* vbase = static_cast<const T*>(a.v);
   const int64_t slab = Hkv * bs * D;  // one block, all heads
   auto block_at = [&](int64_t j) { return a.tables[b * a.W + j] * slab; };
-  for (int64_t j = j0; j < std::min(j1, j0 + kAhead); ++j) prefetch_block(kbase, vbase, block_at(j), slab);
-  for (int64_t c0 = j0; c0 < j1; c0 += chunk) {
+  for (int64_t c0 = j0; c0 < j1; c0 += chunk) {  // blocks and heads in memory order: the reads stream
     const int64_t nb = std::min(chunk, j1 - c0);
     const int64_t n_last = std::min(bs, ctx - (c0 + nb - 1) * bs);
-    for (int64_t j = c0 + kAhead; j < std::min(j1, c0 + nb + kAhead); ++j)  // scattered pages: fetch ahead
-      prefetch_block(kbase, vbase, block_at(j), slab);
-    for (int64_t h = 0; h < Hkv; ++h) {
-      const float* qh = qs.p + h * G * D;
-      for (int64_t i = 0; i < nb; ++i) {  // scores
-        const int64_t n = i + 1 < nb ? bs : n_last;
+    for (int64_t j = c0 + kAhead; j < std::min(j1, c0 + nb + kAhead); ++j)
+      if (a.tables[b * a.W + j] != a.tables[b * a.W + j - 1] + 1)  // a jump the hardware cannot foresee
+        prefetch_block(kbase, vbase, block_at(j), slab);
+    for (int64_t i = 0; i < nb; ++i) {  // scores
+      const int64_t n = i + 1 < nb ? bs : n_last;
+      for (int64_t h = 0; h < Hkv; ++h) {
         const T* kb = kbase + block_at(c0 + i) + h * bs * D;
-        head_groups(G, [&](int64_t g0, auto gb) {
-          for (int64_t t0 = 0; t0 < n; t0 += 4)
-            scores4<T, NV, decltype(gb)::value>(qh + g0 * D, kb + t0 * D, sc + g0 * ld + i * bs + t0, ld);
+        score_groups(G, [&](int64_t g0, auto gb, auto rows) {
+          const int64_t q = h * G + g0;
+          for (int64_t t0 = 0; t0 < n; t0 += rows)
+            scores_rows<T, NV, decltype(gb)::value, decltype(rows)::value>(qs.p + q * D, kb + t0 * D,
+                                                                            sc + q * ld + i * bs + t0, ld);
         });
       }
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t q = h * G + g;
-        float* blse = a.blse ? a.blse + (b * Hq + q) * a.W + c0 : nullptr;
-        const float alpha = softmax_chunk(sc + g * ld, nb, bs, n_last, m[q], l[q], blse);
-        for (int v = 0; v < NV; ++v) acc[q][v] *= splat8(alpha);
-      }
-      for (int64_t i = 0; i < nb; ++i) {  // P.V
-        const int64_t n = i + 1 < nb ? bs : n_last;
+    }
+    for (int64_t q = 0; q < Hq; ++q) {
+      float* blse = a.blse ? a.blse + (b * Hq + q) * a.W + c0 : nullptr;
+      const float alpha = softmax_chunk(sc + q * ld, nb, bs, n_last, m[q], l[q], blse);
+      for (int v = 0; v < NV; ++v) acc[q][v] *= splat8(alpha);
+    }
+    for (int64_t i = 0; i < nb; ++i) {  // P.V
+      const int64_t n = i + 1 < nb ? bs : n_last;
+      for (int64_t h = 0; h < Hkv; ++h) {
         const T* vb = vbase + block_at(c0 + i) + h * bs * D;
-        head_groups(G, [&](int64_t g0, auto gb) {
-          pv_rows<T, NV, decltype(gb)::value>(acc + h * G + g0, sc + g0 * ld + i * bs, ld, vb, n);
+        pv_groups(G, [&](int64_t g0, auto gb, auto vc) {
+          const int64_t q = h * G + g0;
+          pv_rows<T, NV, decltype(gb)::value, decltype(vc)::value>(acc + q, sc + q * ld + i * bs, ld, vb, n);
         });
       }
     }
