@@ -197,3 +197,14 @@ def test_accuracy_gate_int8_agrees_with_float32(capsys):
               + ", ".join(f"{k} {v:.1%}" for k, v in scores.items()))
     assert scores["int8"] >= 0.95
     assert scores["bfloat16"] >= scores["int8"]
+
+
+def test_weights_auto_is_the_fast_format_for_compare_and_serve_on_a_cpu():
+    from kvtier.entrypoints.options import FAST_WEIGHTS, engine_config, engine_kwargs
+
+    auto = {"model": "default", "weights": "auto", "device": "cpu", "load_format": "auto"}
+    assert engine_config(auto, fast=True).weights == FAST_WEIGHTS == "int8"  # passes the gate above
+    assert engine_config(auto).weights == "float32"  # eval, simulate: HF parity
+    assert engine_config({**auto, "load_format": "dummy"}, fast=True).weights == "float32"
+    assert engine_config({**auto, "weights": "int4"}, fast=True).weights == "int4"  # asked for: kept
+    assert engine_kwargs(dict(auto))["weights"] == "float32"  # the Python API's default

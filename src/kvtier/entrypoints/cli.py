@@ -236,9 +236,9 @@ def compare(policies, max_tokens, as_json, **kw):
 
     names = [p.strip() for p in policies.split(",")] if policies else None
     console = Console(stderr=True)
-    config = engine_config(kw)
+    config = engine_config(kw, fast=True)
     console.print(f"kvtier compare: {len(COMPARE_PROMPTS)} prompts x {max_tokens} greedy tokens, "
-                  f"model {config.model}")
+                  f"model {config.model}, {config.weights} weights")
     rows = run(config, names, max_tokens=max_tokens,
                on_row=lambda r: console.print(f"  {r.policy}: done in {r.seconds:.1f} s"))
     if as_json:

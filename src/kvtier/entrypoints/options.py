@@ -35,6 +35,8 @@ def _json_obj(ctx, param, value) -> dict:
     return obj
 
 
+FAST_WEIGHTS = "int8"  # the default of compare and serve on a CPU
+
 ENGINE_OPTIONS = [
     click.option("--model", "-m", default="default", show_default=True,
                  help="'default' (SmolLM2-135M-Instruct), an HF model folder, a .gguf file, or with "
@@ -43,9 +45,11 @@ ENGINE_OPTIONS = [
                  help="dummy: random weights for the model's shape"),
     click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                  show_default=True, help="weights and KV dtype (auto: float32 on CPU, bfloat16 on CUDA)"),
-    click.option("--weights", type=click.Choice(list(WEIGHT_FORMATS)), default="float32", show_default=True,
+    click.option("--weights", type=click.Choice(["auto", *WEIGHT_FORMATS]), default="auto", show_default=True,
                  help="weight format of the linear layers: float32 (in --dtype, HF parity), bfloat16, or "
-                      "weight-only int8 / int4 (groups of 32; GGUF Q8_0 / Q4_x tensors load as they are)"),
+                      "weight-only int8 / int4 (groups of 32; GGUF Q8_0 / Q4_x tensors load as they are). "
+                      f"auto: {FAST_WEIGHTS} for compare and serve on a CPU (the fastest format that passes "
+                      "the accuracy gate), float32 elsewhere"),
     click.option("--kv-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                  show_default=True, help="KV cache dtype (auto: the model's); 16-bit halves the KV bytes read"),
     click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]"),
@@ -80,13 +84,22 @@ def engine_options(f):
     return f
 
 
-def engine_config(kw: dict) -> EngineConfig:
-    """An EngineConfig from a command's keyword arguments (engine options only)."""
-    names = set(EngineConfig.__slots__)
-    return EngineConfig(**{k: v for k, v in kw.items() if k in names})
+def engine_config(kw: dict, fast: bool = False) -> EngineConfig:
+    """An EngineConfig from a command's keyword arguments (engine options only). ``fast``: a serving
+    command (compare, serve), whose ``--weights auto`` is FAST_WEIGHTS on a CPU with real weights (int8
+    passes the gate of >= 95% teacher-forced next-token agreement with float32, and the int kernels are
+    CPU ones); elsewhere auto is float32 (HF parity; quantizing random ``dummy`` weights only costs time)."""
+    fields = engine_kwargs(dict(kw))
+    config = EngineConfig(**fields)
+    if fast and kw.get("weights") == "auto" and config.torch_device().type == "cpu" and config.load_format != "dummy":
+        config.weights = FAST_WEIGHTS
+    return config
 
 
 def engine_kwargs(kw: dict) -> dict:
-    """Take the engine options out of a command's keyword arguments."""
+    """Take the engine options out of a command's keyword arguments (``--weights auto``: float32)."""
     names = set(EngineConfig.__slots__)
-    return {k: kw.pop(k) for k in list(kw) if k in names}
+    out = {k: kw.pop(k) for k in list(kw) if k in names}
+    if out.get("weights") == "auto":
+        out["weights"] = "float32"
+    return out

@@ -674,7 +674,7 @@ def serve(host, port, served_model_names, api_key, max_request_bytes, max_tokens
 
     from kvtier.engine.llm_engine import LLMEngine
 
-    config = engine_config(kw)
+    config = engine_config(kw, fast=True)
     settings = ServeSettings(list(served_model_names) or served_names(config.model), api_key,
                              parse_bytes(max_request_bytes, "--max-request-bytes"), max_tokens_limit)
     engine = LLMEngine(config)
