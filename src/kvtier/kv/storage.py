@@ -126,9 +126,8 @@ class KVStorage:
 
     def zero(self, slots: torch.Tensor) -> None:
         """Clear freshly allocated slots so attention never reads stale bits past a context."""
-        idx = slots.to(self.k.device)
-        self.k.index_fill_(1, idx, 0)
-        self.v.index_fill_(1, idx, 0)
+        self.k.index_fill_(1, slots.to(self.k.device), 0)
+        self.v.index_fill_(1, slots.to(self.v.device), 0)  # V may sit in another tier (KCache)
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of K and V of ``slots`` (all layers), each [L, n, Hkv, block_size, D]."""
