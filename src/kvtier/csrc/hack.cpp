@@ -12,6 +12,7 @@
 // loops use KV_CLONES. AVX-512 machines run the AVX2 version. No dequantized K or V is ever formed.
 
 #include "common.h"
+#include "vec.h"
 
 #include <string>
 #include <unordered_map>
@@ -302,23 +303,6 @@ KV_AVX2 void meta_avx2(const c10::Half* scale, const c10::Half* mn, const int16_
   for (; i < n; ++i) fs[i] = static_cast<float>(scale[i]), fm[i] = static_cast<float>(mn[i]), fsum[i] = sum[i];
 }
 
-// fast_exp of common.h on 8 lanes
-KV_AVX2 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
-  const __m256 shift = _mm256_set1_ps(12582912.f);
-  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shift), shift);
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f),
-                                    _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x));
-  __m256 p = _mm256_set1_ps(1.f / 720.f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 
 KV_AVX2 inline float hmax8(__m256 v) {
   __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -353,7 +337,7 @@ KV_AVX2 float softmax_avx2(float* sc, int64_t n, int64_t pi, float& m, float& l,
   __m256 sum = _mm256_setzero_ps();
   if (n == pi) {
     for (int64_t t = 0; t < pi; t += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + t), vm));
+      const __m256 e = kvtier::exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + t), vm));
       _mm256_storeu_ps(sc + t, e);
       sum = _mm256_add_ps(sum, e);
     }
@@ -361,7 +345,7 @@ KV_AVX2 float softmax_avx2(float* sc, int64_t n, int64_t pi, float& m, float& l,
     const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t t = 0; t < pi; t += 8) {
       const __m256 x = _mm256_loadu_ps(sc + t);
-      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(x, vm)), _mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ));
+      const __m256 e = _mm256_and_ps(kvtier::exp8(_mm256_sub_ps(x, vm)), _mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ));
       _mm256_storeu_ps(sc + t, e);
       sum = _mm256_add_ps(sum, e);
     }
@@ -370,7 +354,7 @@ KV_AVX2 float softmax_avx2(float* sc, int64_t n, int64_t pi, float& m, float& l,
   m = mx;
   if (!codes) return alpha;
   // exp is monotonic: P's range from the scores' (codes clamp to [0, 255] should rounding disagree)
-  const __m256 ends = exp8(_mm256_sub_ps(_mm256_setr_ps(hmin8(vmn), block_max, 0, 0, 0, 0, 0, 0), vm));
+  const __m256 ends = kvtier::exp8(_mm256_sub_ps(_mm256_setr_ps(hmin8(vmn), block_max, 0, 0, 0, 0, 0, 0), vm));
   alignas(32) float e2[8];
   _mm256_store_ps(e2, ends);
   const float emin = e2[0], s = (e2[1] - emin) / 255.f, inv = s > 0.f ? 1.f / s : 0.f;
