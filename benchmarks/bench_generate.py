@@ -11,8 +11,11 @@ llama.cpp (llama-cpp-python, the ``bench`` extra, ``benchmarks/llamacpp_baseline
 file and thread count, several sequences per llama_decode for batches, the decode steps timed alone;
 with f16 KV (flash attention on and off) and at long context also q4_0 KV. Bytes per step = weights +
 the KV cache read at the mean context, against the read bandwidth measured at the start of the run.
-``--ppl-tokens N`` (0 skips) adds each weight format's perplexity on the first N tokens of the English text
-that ``kvtier eval`` scores (CPython's Language Reference topics, ``kvtier.utils.texts``).
+``--ppl-tokens N`` (0 skips) adds each format's perplexity on the first N tokens of the English text
+that ``kvtier eval`` scores (CPython's Language Reference topics, ``kvtier.utils.texts``), read through
+decode steps after a 128-token prefill (``accuracy.decode_perplexity``), so that a HACK KV cache's
+attention on codes is what is scored. Formats: WEIGHTS[/KV], KV one of the ``--kv-dtype`` values
+(``int4/bfloat16``, ``int4/hack4``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kvtier import LLM, SamplingParams
-from kvtier.entrypoints.accuracy import perplexity
+from kvtier.entrypoints.accuracy import decode_perplexity
 from kvtier.kernels.qlinear import WEIGHT_FORMATS
 from kvtier.models.loader import default_model_gguf, resolve_hf_folder
 from kvtier.utils.membw import read_bandwidth
@@ -107,7 +110,7 @@ def run_kvtier(spec: str, scenarios, args, cfg_out: dict) -> list[Row]:
         print(f"  kvtier {label:<8} {b}x{c}: {tok_s:.1f} tok/s", flush=True)
     if args.ppl_tokens:
         ids = english_tokens(llm.get_tokenizer(), args.ppl_tokens)
-        cfg_out.setdefault("ppl", {})[label] = perplexity(llm, ids)
+        cfg_out.setdefault("ppl", {})[label] = decode_perplexity(llm, ids)
         print(f"  kvtier {label:<8} perplexity {cfg_out['ppl'][label]:.3f} on {len(ids)} tokens", flush=True)
     del llm, model
     gc.collect()

@@ -86,7 +86,9 @@ using DotFn = void (*)(const uint8_t* m, int64_t rows, int64_t n, int bits, cons
 using MetaFn = void (*)(const c10::Half* scale, const c10::Half* mn, const int16_t* sum, int64_t n, float* fs, float* fm,
                         float* fsum);
 // one head's block: e = exp(sc - m_new) in place over n of the pi scores (the others are -inf), m and l updated,
-// returns the rescale of the old state; with `codes`, also e's 8-bit codes over the pi values into codes / qp
+// returns the rescale of the old state. With `codes` (a full block), e is taken against the block's own max
+// instead, its 8-bit codes go to codes / qp, and qp's scale and minimum carry exp(block max - m_new): the codes
+// depend on the block alone, not on where a segment or a memory tier starts (placement stays lossless).
 using SoftmaxFn = float (*)(float* sc, int64_t n, int64_t pi, float& m, float& l, uint8_t* codes, QParams* qp);
 
 void prepare_generic(const uint8_t* a, int64_t G, int64_t n, int, void* prepared) {
@@ -122,15 +124,16 @@ KV_CLONES void meta_generic(const c10::Half* scale, const c10::Half* mn, const i
 }
 
 KV_CLONES float softmax_generic(float* sc, int64_t n, int64_t pi, float& m, float& l, uint8_t* codes, QParams* qp) {
-  float mx = m;
-  for (int64_t t = 0; t < n; ++t) mx = mx > sc[t] ? mx : sc[t];
-  const float alpha = fast_exp(m - mx);
+  float block_max = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < n; ++t) block_max = block_max > sc[t] ? block_max : sc[t];
+  const float mx = std::max(m, block_max), ref = codes ? block_max : mx;
+  const float alpha = fast_exp(m - mx), carry = codes ? fast_exp(block_max - mx) : 1.f;
   float sum = 0.f;
   for (int64_t t = 0; t < pi; ++t) {
-    sc[t] = t < n ? fast_exp(sc[t] - mx) : 0.f;
+    sc[t] = t < n ? fast_exp(sc[t] - ref) : 0.f;
     sum += sc[t];
   }
-  l = l * alpha + sum;
+  l = l * alpha + carry * sum;
   m = mx;
   if (codes) {
     float lo = sc[0], hi = sc[0];
@@ -144,7 +147,7 @@ KV_CLONES float softmax_generic(float* sc, int64_t n, int64_t pi, float& m, floa
       codes[t] = static_cast<uint8_t>(std::min(std::nearbyint((sc[t] - lo) * inv), 255.f));
       csum += codes[t];
     }
-    *qp = {s, lo, csum};
+    *qp = {s * carry, lo * carry, csum};
   }
   return alpha;
 }
@@ -332,8 +335,8 @@ KV_AVX2 float softmax_avx2(float* sc, int64_t n, int64_t pi, float& m, float& l,
     vmn = _mm256_min_ps(vmn, x);
   }
   const float block_max = hmax8(vmx), mx = std::max(m, block_max);
-  const float alpha = fast_exp(m - mx);
-  const __m256 vm = _mm256_set1_ps(mx);
+  const float alpha = fast_exp(m - mx), carry = codes ? fast_exp(block_max - mx) : 1.f;
+  const __m256 vm = _mm256_set1_ps(codes ? block_max : mx);  // a full block's codes: against its own max
   __m256 sum = _mm256_setzero_ps();
   if (n == pi) {
     for (int64_t t = 0; t < pi; t += 8) {
@@ -350,7 +353,7 @@ KV_AVX2 float softmax_avx2(float* sc, int64_t n, int64_t pi, float& m, float& l,
       sum = _mm256_add_ps(sum, e);
     }
   }
-  l = l * alpha + hadd8(sum);
+  l = l * alpha + carry * hadd8(sum);
   m = mx;
   if (!codes) return alpha;
   // exp is monotonic: P's range from the scores' (codes clamp to [0, 255] should rounding disagree)
@@ -372,7 +375,7 @@ KV_AVX2 float softmax_avx2(float* sc, int64_t n, int64_t pi, float& m, float& l,
   __m128i c = _mm_add_epi32(_mm256_castsi256_si128(csum), _mm256_extracti128_si256(csum, 1));
   c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0x4e));
   c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0xb1));
-  *qp = {s, emin, _mm_cvtsi128_si32(c)};
+  *qp = {s * carry, emin * carry, _mm_cvtsi128_si32(c)};
   return alpha;
 }
 #endif  // KV_X86
@@ -553,7 +556,7 @@ void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
 
 int64_t choose_segments(int64_t B, int64_t Hkv, int64_t max_blocks) {
   const int64_t threads = at::get_num_threads();
-  int64_t S = (4 * threads + B * Hkv - 1) / (B * Hkv);  // enough work items to balance the threads
+  int64_t S = (8 * threads + B * Hkv - 1) / (B * Hkv);  // enough work items to balance the threads
   S = std::min(S, max_blocks / 2);                      // segments of at least 2 blocks
   return std::max<int64_t>(1, S);
 }

@@ -69,12 +69,13 @@ class KVStats:
     def _read(self, tokens_read: dict[int, int], v_rows: int) -> dict[str, int]:
         lay = self.layout
         row = lay.head_dim * lay.dtype.itemsize  # one token, one layer, one KV head, K or V
+        half = lay.block_bytes // (2 * lay.block_size)  # one token, all layers and KV heads, K or V (with meta)
         read: dict[str, int] = defaultdict(int)
         for t, tokens in tokens_read.items():
             target = self.placement.targets[t]
-            read[target.k_tier] += tokens * lay.num_layers * lay.num_kv_heads * row
+            read[target.k_tier] += tokens * half
             if self.kcache_exempt is None:
-                read[target.v_tier] += tokens * lay.num_layers * lay.num_kv_heads * row
+                read[target.v_tier] += tokens * half
             else:
                 read[target.v_tier] += (tokens * self.kcache_exempt * lay.num_kv_heads + v_rows) * row
         return dict(read)

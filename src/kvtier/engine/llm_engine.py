@@ -25,6 +25,8 @@ from kvtier.errors import ConfigError, RequestError
 from kvtier.kv.block_manager import BlockManager
 from kvtier.kv.block_pool import BlockPool
 from kvtier.kv.cache import TieredKVCache
+from kvtier.kv.hack_storage import HackStorage, allocate_tails
+from kvtier.kv.hack_storage import unsupported as hack_unsupported
 from kvtier.kv.manager import KVManager
 from kvtier.kv.setup import plan_kv
 from kvtier.kv.storage import KVLayout, KVStorage, check_disk_dir, memories
@@ -73,7 +75,8 @@ class LLMEngine:
         self.tokenizer = self._tokenizer()
         self.max_model_len = self._max_model_len()
         self.layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size,
-                               config.kv_torch_dtype(self.loaded.model.dtype))
+                               config.kv_torch_dtype(self.loaded.model.dtype), config.kv_format())
+        self._check_head_dim()
         self._build_kv(device)
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.eos_ids = set(cfg.eos_token_ids)
@@ -114,7 +117,7 @@ class LLMEngine:
         self.policy, self.kv_plan = plan.policy, plan
         disk = any("disk" in t.tiers for t in plan.targets)
         mems = memories(device, check_disk_dir(cfg.kv_disk_dir or cache_dir("kv-disk")) if disk else None)
-        self.storages = [KVStorage(lay, t, mems) for t in plan.targets]
+        self.storages = self._storages(plan.targets, mems, device)
         self.placement = plan.placement()
         self.pool = BlockPool(plan.num_blocks)
         self.cache = TieredKVCache(self.storages, self.placement, self.policy, self.model_config.head_dim**-0.5,
@@ -128,6 +131,30 @@ class LLMEngine:
         exempt = len(getattr(self.policy, "exempt_layers", ())) if self.policy.name == "kcache" else None
         self.kv_stats = KVStats(lay, self.placement, exempt)
         self.tracer = TraceWriter(cfg.kv_trace, self.model_config, lay) if cfg.kv_trace else None
+
+    def _storages(self, targets, mems, device: torch.device) -> list:
+        lay = self.layout
+        if lay.fmt is None:
+            return [KVStorage(lay, t, mems) for t in targets]
+        self._check_hack(targets, mems, device)
+        self.kv_tails = allocate_tails(lay, self.config.max_num_seqs, mems["device"])
+        return [HackStorage(lay, t, mems, self.kv_tails) for t in targets]
+
+    def _check_head_dim(self) -> None:
+        fmt, d = self.layout.fmt, self.layout.head_dim
+        if fmt is not None and d % fmt.pi:
+            raise ConfigError(f"KV format {fmt.name} quantizes K in partitions of {fmt.pi} along head_dim, but this "
+                              f"model's head_dim is {d}", "use a float --kv-dtype (bfloat16, float16) with this model")
+
+    def _check_hack(self, targets, mems, device: torch.device) -> None:
+        """What a HACK-coded cache cannot do yet, refused at start-up rather than mid-run."""
+        name, policy = self.layout.fmt.name, self.policy
+        why = hack_unsupported(policy, bool(self.config.kv_trace))
+        if why is None and any(mems[t.k_tier].device != device or t.k_tier != t.v_tier for t in targets):
+            why = "its blocks must sit on the engine's device, K and V together (HACK reads them on the codes there)"
+        if why:
+            raise ConfigError(f"KV format {name} cannot run with KV policy '{policy.name}': {why}",
+                              "use --kv-policy plain or static, or a float --kv-dtype (bfloat16, float16)")
 
     def _device_budget(self, device: torch.device) -> TierBudget:
         cfg = self.config

@@ -54,7 +54,8 @@ class ModelRunner:
                 sample_rows.append(len(ids) - 1)
                 sample_seqs.append(seq)
         meta = self.kv.prepare([(s.block_table, s.num_computed_tokens + 1) for s in batch.decodes],
-                               [(s.block_table, s.num_computed_tokens, n) for s, n in batch.prefills], observe)
+                               [(s.block_table, s.num_computed_tokens, n) for s, n in batch.prefills], observe,
+                               [s.slot for s in batch.decodes] + [s.slot for s, _ in batch.prefills])
         return StepInputs(self._tensor(ids), self._tensor(pos), meta, self._tensor(sample_rows), sample_seqs)
 
     def _tensor(self, values: list) -> torch.Tensor:

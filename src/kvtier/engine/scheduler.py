@@ -55,6 +55,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
+        self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))  # slots of running sequences
         self.num_preemptions = 0
         self.num_swaps = 0
 
@@ -105,8 +106,7 @@ class Scheduler:
                 break
             self.swapped.popleft()
             self.bm.swap_in(seq.block_table)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
+            self._start_running(seq)
             self._add_to_batch(batch, seq, n)
             budget -= n
         return budget
@@ -133,15 +133,25 @@ class Scheduler:
                 break
             self.waiting.popleft()
             batch.new_blocks += self.bm.grow(seq.block_table, seq.num_computed_tokens + n)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
+            self._start_running(seq)
             batch.prefills.append((seq, n))
             budget -= n
+
+    def _start_running(self, seq: Sequence) -> None:
+        assert len(self.running) < self.config.max_num_seqs and seq.slot < 0
+        seq.status = Status.RUNNING
+        seq.slot = self.free_slots.pop()
+        self.running.append(seq)
+
+    def _stop_running(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.free_slots.append(seq.slot)
+        seq.slot = -1
 
     def preempt(self, seq: Sequence) -> None:
         """Take a running sequence off: swap its blocks to a slower tier if the KV policy swaps and
         there is room, else free them (it waits at the front and is recomputed later)."""
-        self.running.remove(seq)
+        self._stop_running(seq)
         seq.stats.num_preemptions += 1
         self.num_preemptions += 1
         if self.bm.can_swap_out(seq.block_table):
@@ -158,7 +168,7 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """End a sequence (running, waiting, swapped) and free its blocks."""
         if seq.status is Status.RUNNING:
-            self.running.remove(seq)
+            self._stop_running(seq)
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         elif seq.status is Status.SWAPPED:

@@ -5,7 +5,8 @@ every position of a text, greedy agreement and perplexity from them.
   One early flip makes everything after it disagree, so it measures where continuations diverge.
 - ``teacher_forced_agreement``: both models read the same text (the prompts followed by float32's greedy
   continuation) and pick their next token at each position of the continuation; the share of equal picks.
-- ``perplexity``: exp(mean negative log-likelihood) of a text, the text's own next tokens as targets.
+- ``perplexity``: exp(mean negative log-likelihood) of a text, the text's own next tokens as targets;
+  ``decode_perplexity`` scores the same text through decode steps (what a quantized KV cache changes).
 """
 
 from __future__ import annotations
@@ -60,6 +61,17 @@ def perplexity(llm: LLM, ids: list[int]) -> float:
         return -torch.log_softmax(logits, -1).gather(1, target[i: i + logits.shape[0], None])[:, 0]
 
     return math.exp(map_logits(llm, ids, nll)[:-1].mean().item())
+
+
+def decode_perplexity(llm: LLM, ids: list[int], prefix: int = 128) -> float:
+    """Perplexity of ``ids[prefix:]`` read one decode step at a time after a prefill of ``ids[:prefix]``:
+    every token goes through decode attention over the cache (a quantized KV format's attention runs on
+    its codes), where :func:`perplexity`'s one prefill reads the chunk's own K/V in full precision."""
+    from kvtier.entrypoints.eval import run_forced
+
+    assert len(ids) > prefix, "the text must be longer than the prefix"
+    fc = run_forced(llm.engine, [ids[:prefix]], [ids[prefix:]])
+    return math.exp(sum(fc.nll) / len(fc.nll))
 
 
 def greedy(llm: LLM, prompts: list[list[int]], tokens: int) -> list[list[int]]:

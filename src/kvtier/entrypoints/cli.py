@@ -231,14 +231,18 @@ def compare(policies, max_tokens, as_json, **kw):
     from rich.console import Console
     from rich.table import Table
 
-    from kvtier.entrypoints.compare import COMPARE_PROMPTS
+    from kvtier.entrypoints.compare import COMPARE_PROMPTS, runs_on
     from kvtier.entrypoints.compare import compare as run
+    from kvtier.kv.policies import POLICY_REGISTRY
 
     names = [p.strip() for p in policies.split(",")] if policies else None
     console = Console(stderr=True)
     config = engine_config(kw, fast=True)
     console.print(f"kvtier compare: {len(COMPARE_PROMPTS)} prompts x {max_tokens} greedy tokens, "
-                  f"model {config.model}, {config.weights} weights")
+                  f"model {config.model}, {config.weights} weights, KV {config.kv_dtype}")
+    skipped = [n for n in sorted(POLICY_REGISTRY) if not runs_on(config, n)] if names is None else []
+    if skipped:
+        console.print(f"  skipped over {config.kv_dtype} KV (they need a float cache): {', '.join(skipped)}")
     rows = run(config, names, max_tokens=max_tokens,
                on_row=lambda r: console.print(f"  {r.policy}: done in {r.seconds:.1f} s"))
     if as_json:

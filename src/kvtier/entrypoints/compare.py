@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from kvtier.config import EngineConfig
 from kvtier.engine.llm_engine import LLMEngine
+from kvtier.kv.hack_storage import unsupported as hack_unsupported
 from kvtier.kv.policies import POLICY_REGISTRY, make_policy
 from kvtier.models.loader import LoadedModel
 from kvtier.sampling_params import SamplingParams
@@ -88,7 +89,7 @@ def compare(base: EngineConfig, policies: list[str] | None = None, prompts: list
             max_tokens: int = 64, on_row=None) -> list[CompareRow]:
     """Run ``prompts`` greedily under each policy (default: all registered) and the plain baseline."""
     prompts = prompts or COMPARE_PROMPTS
-    names = policies or sorted(POLICY_REGISTRY, key=lambda n: (n != "plain", n))
+    names = policies or [n for n in sorted(POLICY_REGISTRY, key=lambda n: (n != "plain", n)) if runs_on(base, n)]
     plain, reference, seconds = run_policy(_with(base, "plain"), None, prompts, max_tokens)
     rows = [_row(plain, reference, reference, seconds)] if "plain" in names else []
     sizing = _sizing(base, plain, max_tokens)
@@ -101,6 +102,11 @@ def compare(base: EngineConfig, policies: list[str] | None = None, prompts: list
         rows.append(_row(engine, outputs, reference, seconds))
         on_row and on_row(rows[-1])
     return rows
+
+
+def runs_on(base: EngineConfig, name: str) -> bool:
+    """Whether policy ``name`` can run over ``base``'s KV format (a HACK cache serves only some)."""
+    return base.kv_format() is None or hack_unsupported(make_policy(name)) is None
 
 
 @dataclass(slots=True)

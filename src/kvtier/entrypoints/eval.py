@@ -26,10 +26,12 @@ from kvtier.config import EngineConfig
 from kvtier.engine.llm_engine import LLMEngine
 from kvtier.entrypoints.compare import COMPARE_PROMPTS, agreement
 from kvtier.errors import ConfigError
+from kvtier.kernels.formats import HACK_FORMATS
 from kvtier.kv.policies import make_policy
 from kvtier.sampling_params import SamplingParams
 from kvtier.utils.texts import english_tokens
 
+KV_DTYPE_KEY = "kv_dtype"  # in a spec: the row's KV format, not a policy option
 PPL_PREFIX = 128  # tokens of each perplexity window that are prefilled, not scored
 ANSWER_TOKENS = 8
 
@@ -67,7 +69,10 @@ class EvalRow:
 
 
 def parse_spec(text: str) -> tuple[str, dict]:
-    """``kcache:top_n=0.1,renormalize=false`` -> ("kcache", {"top_n": 0.1, "renormalize": False})."""
+    """``kcache:top_n=0.1,renormalize=false`` -> ("kcache", {"top_n": 0.1, "renormalize": False}).
+
+    The key ``kv_dtype`` sets the row's KV format instead of a policy option: ``plain:kv_dtype=hack4``
+    runs the plain policy over a HACK 4-bit cache."""
     import json
 
     name, _, rest = text.partition(":")
@@ -80,7 +85,10 @@ def parse_spec(text: str) -> tuple[str, dict]:
             opts[key] = json.loads(raw)
         except ValueError:
             opts[key] = raw
-    make_policy(name.strip(), opts)  # unknown names and options fail here, before any run
+    policy_opts = {k: v for k, v in opts.items() if k != KV_DTYPE_KEY}
+    make_policy(name.strip(), policy_opts)  # unknown names and options fail here, before any run
+    if KV_DTYPE_KEY in opts:
+        EngineConfig(kv_dtype=str(opts[KV_DTYPE_KEY]), kv_policy=name.strip())  # an unknown format fails here too
     return name.strip(), opts
 
 
@@ -241,7 +249,8 @@ def evaluate_policy(base, name: str, opts: dict, plain: LLMEngine, ref: Referenc
     t0 = time.perf_counter()
     engine = LLMEngine(_config(base, name, opts), loaded=plain.loaded)
     label = name + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
-    row = EvalRow(label, name, opts, engine.policy.lossless)
+    same_format = engine.config.kv_dtype == plain.config.kv_dtype
+    row = EvalRow(label, name, opts, engine.policy.lossless and same_format)
     row.agreement, row.first_divergence = agreement(greedy(engine, ref.prompts, settings.max_tokens), ref.outputs)
     fc = run_forced(engine, ref.prompts, ref.outputs, keep=ref.logp)
     row.forced_agreement = sum(fc.top1) / max(len(fc.top1), 1)
@@ -264,4 +273,9 @@ def _finish(row: EvalRow, engine: LLMEngine, ref: Reference, settings: EvalSetti
 
 def _config(base: EngineConfig, name: str, opts: dict) -> EngineConfig:
     fields = {f: getattr(base, f) for f in base.__slots__}
-    return EngineConfig(**{**fields, "kv_policy": name, "kv_policy_options": opts})
+    policy_opts = {k: v for k, v in opts.items() if k != KV_DTYPE_KEY}
+    kv_dtype = str(opts.get(KV_DTYPE_KEY, base.kv_dtype))
+    hack = kv_dtype in HACK_FORMATS or base.kv_dtype in HACK_FORMATS
+    block_size = None if hack else base.block_size  # a HACK cache's blocks are its partitions
+    return EngineConfig(**{**fields, "kv_policy": name, "kv_policy_options": policy_opts, "kv_dtype": kv_dtype,
+                           "block_size": block_size})

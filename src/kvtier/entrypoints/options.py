@@ -6,7 +6,7 @@ import json
 
 import click
 
-from kvtier.config import EngineConfig
+from kvtier.config import KV_DTYPES, EngineConfig
 from kvtier.kernels.qlinear import WEIGHT_FORMATS
 
 
@@ -50,11 +50,12 @@ ENGINE_OPTIONS = [
                       "weight-only int8 / int4 (groups of 32; GGUF Q8_0 / Q4_x tensors load as they are). "
                       f"auto: {FAST_WEIGHTS} for compare and serve on a CPU (the fastest format that passes "
                       "the accuracy gate), float32 elsewhere"),
-    click.option("--kv-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-                 show_default=True, help="KV cache dtype (auto: the model's); 16-bit halves the KV bytes read"),
+    click.option("--kv-dtype", type=click.Choice(["auto", *KV_DTYPES]), default="auto",
+                 show_default=True, help="KV cache format (auto: the model's dtype); 16-bit halves the KV bytes "
+                                         "read; hack2/4/8: HACK codes of 2/4/8 bits, attention on the codes (lossy)"),
     click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]"),
     click.option("--max-model-len", type=int, default=None, help="context length (default: the model's)"),
-    click.option("--block-size", type=int, default=16, show_default=True, help="tokens per KV block"),
+    click.option("--block-size", type=int, default=None, help="tokens per KV block (default 16; 64 with HACK KV)"),
     click.option("--kv-cache-memory", default="auto", show_default=True,
                  help="bytes for the KV pool, e.g. 2GiB (auto: 4 GiB on CPU, 80%% of free GPU memory)"),
     click.option("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (overrides memory)"),

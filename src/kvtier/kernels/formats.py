@@ -28,6 +28,7 @@ import torch
 from kvtier.errors import ConfigError
 
 FLOAT_FORMATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HACK_FORMATS = ("hack2", "hack4", "hack8")  # HACK codes of 2, 4 or 8 bits, partitions of 64
 META_DTYPE = torch.float16  # HACK scales and minima
 SUM_DTYPE = torch.int16  # HACK per-partition code sums: pi * (2**bits - 1) <= 128 * 255 < 2**15
 
@@ -100,9 +101,9 @@ def parse_format(name: str | HackFormat) -> str | HackFormat:
     """``float32`` / ``bfloat16`` / ``float16`` / ``hack2`` / ``hack4`` / ``hack8`` or a HackFormat."""
     if isinstance(name, HackFormat) or name in FLOAT_FORMATS:
         return name
-    if name in ("hack2", "hack4", "hack8"):
+    if name in HACK_FORMATS:
         return HackFormat(bits=int(name[-1]))
-    names = ", ".join([*FLOAT_FORMATS, "hack2", "hack4", "hack8"])
+    names = ", ".join([*FLOAT_FORMATS, *HACK_FORMATS])
     raise ConfigError(f"unknown KV format '{name}'", f"use one of: {names}")
 
 

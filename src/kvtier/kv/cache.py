@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kvtier.kernels.attention import DecodePlan, merge_attention, paged_decode_attention, prefill_attention, write_kv
+from kvtier.kernels.attention import DecodePlan, merge_attention, prefill_attention
 from kvtier.kv.placement import BlockPlacement, Move
 from kvtier.kv.storage import KVStorage
 
@@ -27,13 +27,14 @@ class TargetWrite:
     rows: torch.Tensor | None  # rows of the flat batch going to this target (None: all of them)
     slots: torch.Tensor  # [n] slot of each row's block
     offsets: torch.Tensor  # [n] position in the block
-    copies: dict = field(default_factory=dict)  # slots and offsets on another device, made once a step
+    tails: torch.Tensor  # [n] tail slot of each row's sequence (HACK's open-block V)
+    copies: dict = field(default_factory=dict)  # slots, offsets, tails on another device, made once a step
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if device == self.slots.device:
-            return self.slots, self.offsets
+            return self.slots, self.offsets, self.tails
         if device not in self.copies:
-            self.copies[device] = (self.slots.to(device), self.offsets.to(device))
+            self.copies[device] = (self.slots.to(device), self.offsets.to(device), self.tails.to(device))
         return self.copies[device]
 
 
@@ -42,11 +43,13 @@ class TargetDecode:
     target: int
     plan: DecodePlan  # slot tables [B, W_t] and token counts [B] of the blocks in this target
     blocks: np.ndarray  # [B, W_t] logical ids of those blocks (-1: padding)
-    copies: dict = field(default_factory=dict)  # the plan on another device, made once a step
+    tails: torch.Tensor  # [B] tail slot of each sequence
+    copies: dict = field(default_factory=dict)  # plan and tails on another device, made once a step
 
-    def plan_on(self, device: torch.device) -> DecodePlan:
+    def on(self, device: torch.device) -> tuple[DecodePlan, torch.Tensor]:
         if device not in self.copies:
-            self.copies[device] = DecodePlan(self.plan.block_tables.to(device), self.plan.context_lens.to(device))
+            plan = DecodePlan(self.plan.block_tables.to(device), self.plan.context_lens.to(device))
+            self.copies[device] = (plan, self.tails.to(device))
         return self.copies[device]
 
 
@@ -55,6 +58,7 @@ class PrefillSpan:
     start_token: int  # first token of the chunk in the flat batch
     num_tokens: int
     start_pos: int  # tokens of this sequence already in the cache
+    tail: int = 0  # the sequence's tail slot
     blocks: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     # with a cached prefix: where the blocks of prefix and chunk are, (target, slots, table positions)
 
@@ -93,19 +97,22 @@ class TieredKVCache:
 
     # ---- step planning ----------------------------------------------------------------------------
     def prepare(self, decodes: list[tuple[list[int], int]], prefills: list[tuple[list[int], int, int]],
-                observe: bool = False) -> AttentionMetadata:
+                observe: bool = False, tails: list[int] | None = None) -> AttentionMetadata:
         """``decodes``: (block table, tokens after this step) per decode sequence; ``prefills``:
-        (block table, tokens already cached, chunk length) per prefill chunk, in flat batch order."""
-        blocks, offsets = self._token_blocks(decodes, prefills)
-        meta = AttentionMetadata(self._writes(blocks, offsets), len(decodes), observe=observe)
+        (block table, tokens already cached, chunk length) per prefill chunk, in flat batch order;
+        ``tails``: the tail slot of each of those sequences, in the same order (default 0, 1, ...)."""
+        tails = list(range(len(decodes) + len(prefills))) if tails is None else tails
+        blocks, offsets, row_tails = self._token_blocks(decodes, prefills, tails)
+        meta = AttentionMetadata(self._writes(blocks, offsets, row_tails), len(decodes), observe=observe)
         self.tokens_read, self.v_rows_read = {}, 0
         if decodes:
-            meta.decodes = self._decode_plans(decodes)
+            meta.decodes = self._decode_plans(decodes, tails[: len(decodes)])
             for d in meta.decodes:
                 self._count(d.target, int(d.plan.context_lens.sum()))
         start = len(decodes)
-        for table, cached, n in prefills:
-            meta.prefills.append(PrefillSpan(start, n, cached, self._blocks_of(table, cached + n) if cached else []))
+        for (table, cached, n), tail in zip(prefills, tails[len(decodes):], strict=True):
+            span_blocks = self._blocks_of(table, cached + n) if cached else []
+            meta.prefills.append(PrefillSpan(start, n, cached, tail, span_blocks))
             for t, _, pos in meta.prefills[-1].blocks:
                 self._count(t, len(pos) * self.block_size)
             start += n
@@ -117,27 +124,38 @@ class TieredKVCache:
     def _count(self, target: int, tokens: int) -> None:
         self.tokens_read[target] = self.tokens_read.get(target, 0) + tokens
 
-    def _token_blocks(self, decodes, prefills) -> tuple[np.ndarray, np.ndarray]:
+    def _token_blocks(self, decodes, prefills, tails) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row of the flat batch: its block, its position in the block, its sequence's tail slot."""
         bs = self.block_size
         blocks = [table[(ctx - 1) // bs] for table, ctx in decodes]
         pos = [ctx - 1 for _, ctx in decodes]
-        for table, cached, n in prefills:
+        row_tails = list(tails[: len(decodes)])
+        for (table, cached, n), tail in zip(prefills, tails[len(decodes):], strict=True):
             blocks += [table[p // bs] for p in range(cached, cached + n)]
             pos += range(cached, cached + n)
-        return np.asarray(blocks, dtype=np.int64), np.asarray(pos, dtype=np.int64) % bs
+            row_tails += [tail] * n
+        as_array = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+        return as_array(blocks), as_array(pos) % bs, as_array(row_tails)
 
-    def _writes(self, blocks: np.ndarray, offsets: np.ndarray) -> list[TargetWrite]:
+    def _writes(self, blocks: np.ndarray, offsets: np.ndarray, tails: np.ndarray) -> list[TargetWrite]:
+        """One write per target; with a HACK cache one per run of rows in the same target, in batch order:
+        a sequence's open-block V passes through its tail, so its tokens must arrive in order."""
         pl = self.placement
         targets, slots = pl.target_of[blocks], pl.slot_of[blocks]
+        if self.storages[0].layout.fmt is None:
+            groups = [np.nonzero(targets == t)[0] for t in np.unique(targets)]
+        else:
+            cuts = np.flatnonzero(np.diff(targets)) + 1
+            groups = np.split(np.arange(len(targets)), cuts)
         out = []
-        for t in np.unique(targets):
-            rows = np.nonzero(targets == t)[0]
+        for rows in groups:
+            t = targets[rows[0]]
             whole = len(rows) == len(blocks)
             out.append(TargetWrite(int(t), None if whole else self._t(rows), self._t(slots[rows]),
-                                   self._t(offsets[rows])))
+                                   self._t(offsets[rows]), self._t(tails[rows])))
         return out
 
-    def _decode_plans(self, decodes) -> list[TargetDecode]:
+    def _decode_plans(self, decodes, tails: list[int]) -> list[TargetDecode]:
         pl, bs = self.placement, self.block_size
         width = max(len(t) for t, _ in decodes)
         table = np.full((len(decodes), width), -1, dtype=np.int64)
@@ -157,7 +175,7 @@ class TieredKVCache:
             ids[np.arange(ids.shape[1])[None, :] >= count[:, None]] = -1
             slots = np.where(ids >= 0, pl.slot_of[np.maximum(ids, 0)], 0)
             tokens = count * bs - np.where(last_tgt == t, bs - last_len, 0)
-            plans.append(TargetDecode(int(t), DecodePlan(self._t(slots), self._t(tokens)), ids))
+            plans.append(TargetDecode(int(t), DecodePlan(self._t(slots), self._t(tokens)), ids, self._t(tails)))
         return plans
 
     def _blocks_of(self, table: list[int], tokens: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -181,11 +199,12 @@ class TieredKVCache:
         if meta.prefills or k.dtype not in (kv_dtype, torch.float32):
             k, v = k.to(kv_dtype), v.to(kv_dtype)  # prefill attends to K/V as the cache holds them (rounded)
         for w in meta.writes:
-            k_cache, v_cache = self.storages[w.target].layer(layer)
+            storage = self.storages[w.target]
+            dev = storage.target_device
             kk, vv = (k, v) if w.rows is None else (k[w.rows], v[w.rows])
-            if k_cache.device != self.device:
-                kk, vv = kk.to(k_cache.device), vv.to(k_cache.device)
-            write_kv(k_cache, v_cache, kk, vv, *w.on(k_cache.device))
+            if dev != self.device:
+                kk, vv = kk.to(dev), vv.to(dev)
+            storage.write(layer, kk, vv, *w.on(dev))
         nd = meta.num_decode
         if nd and not meta.prefills:
             return self._decode(layer, q, meta)
@@ -211,20 +230,20 @@ class TieredKVCache:
     def _decode_target(self, layer: int, q: torch.Tensor, d: TargetDecode, observe: bool) -> tuple:
         """(out, lse, block_lse or None) over one target's blocks, computed where the K lives
         (a host target on a GPU machine: CPU attention, NEO-style), returned on q's device."""
-        k_cache, v_cache = self.storages[d.target].layer(layer)
-        dev = k_cache.device
+        storage = self.storages[d.target]
+        dev = storage.target_device
         here = dev == q.device
-        qd, plan = (q, d.plan) if here else (q.to(dev), d.plan_on(dev))
+        qd, (plan, tails) = (q, (d.plan, d.tails)) if here else (q.to(dev), d.on(dev))
         special = getattr(self.policy, "decode_attention", None)
-        res = special(layer, qd, k_cache, v_cache, plan, self.scale) if special else None
+        res = special(layer, qd, *storage.layer(layer), plan, self.scale) if special else None
         if res is not None:  # a policy's own attention (KCache)
             self.v_rows_read += int((res.selected >= 0).sum())
-            res = (res.out, res.lse)
+            res = (res.out, res.lse, None)
         else:
-            res = paged_decode_attention(qd, k_cache, v_cache, plan, self.scale, return_lse=True, block_lse=observe)
+            res = storage.decode(layer, qd, plan, self.scale, tails, observe)
         if not here:
-            res = [r.to(q.device) for r in res]
-        return res[0], res[1], res[2] if observe else None
+            res = [r if r is None else r.to(q.device) for r in res]
+        return tuple(res)
 
     def _observe(self, meta: AttentionMetadata, lse: torch.Tensor, block_lses: list) -> None:
         obs, detail = self.obs, []
@@ -243,16 +262,22 @@ class TieredKVCache:
 
     def _gather_prefix(self, layer: int, span: PrefillSpan) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached prefix and the new chunk (already written) of one sequence: K, V [Hkv, start+n, D]."""
-        n_blocks = sum(len(pos) for _, _, pos in span.blocks)
-        ref = self.storages[span.blocks[0][0]].layer(layer)[0]
-        k = ref.new_empty((n_blocks, *ref.shape[1:]), device=self.device)  # [nb, Hkv, bs, D]
-        v = torch.empty_like(k)
+        total, bs = span.start_pos + span.num_tokens, self.block_size
+        last = -(-total // bs) - 1  # table position of the sequence's last block
+        parts = []  # per target: (table positions [n], K [Hkv, tokens, D], V)
         for t, slots, pos in span.blocks:
-            kc, vc = self.storages[t].layer(layer)
-            k[pos], v[pos] = kc[slots.to(kc.device)].to(self.device), vc[slots.to(vc.device)].to(self.device)
-        total = span.start_pos + span.num_tokens
-        hkv, d = k.shape[1], k.shape[3]
-        return (k.transpose(0, 1).reshape(hkv, -1, d)[:, :total], v.transpose(0, 1).reshape(hkv, -1, d)[:, :total])
+            tokens = len(pos) * bs - ((last + 1) * bs - total if int(pos[-1]) == last else 0)
+            k, v = self.storages[t].dense(layer, slots, tokens, span.tail)
+            parts.append((pos, k.to(self.device), v.to(self.device)))
+        if len(parts) == 1:
+            return parts[0][1], parts[0][2]
+        hkv, d = parts[0][1].shape[0], parts[0][1].shape[2]
+        k = parts[0][1].new_zeros((hkv, (last + 1) * bs, d))
+        v = torch.zeros_like(k)
+        for pos, kt, vt in parts:  # scatter each target's blocks to their positions
+            rows = (pos.to(self.device)[:, None] * bs + torch.arange(bs, device=self.device)).flatten()[: kt.shape[1]]
+            k[:, rows], v[:, rows] = kt.to(k.dtype), vt.to(v.dtype)
+        return k[:, :total], v[:, :total]
 
     # ---- block moves and new blocks -------------------------------------------------------------
     def move(self, moves: list[Move]) -> None:
@@ -265,8 +290,8 @@ class TieredKVCache:
             pairs.setdefault((m.src, m.dst), []).append(m)
         gathered = [(dst, ms, self.storages[src].gather(self._t([m.src_slot for m in ms])))
                     for (src, dst), ms in pairs.items()]
-        for dst, ms, (k, v) in gathered:
-            self.storages[dst].scatter(self._t([m.dst_slot for m in ms]), k, v)
+        for dst, ms, parts in gathered:
+            self.storages[dst].scatter(self._t([m.dst_slot for m in ms]), *parts)
 
     def zero_new(self, blocks: list[int]) -> None:
         """Clear freshly allocated blocks so attention never reads stale bits past a context."""

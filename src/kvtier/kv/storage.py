@@ -5,6 +5,10 @@ Layout: ``k, v: [L, num_slots, Hkv, block_size, D]``. A block of one layer is a 
 kernel) without touching its neighbours. Memory tiers: ``device`` (the accelerator, or CPU memory on
 a CPU-only machine), ``host`` (CPU memory, pinned when a GPU is present), ``disk`` (a memory-mapped
 file in a chosen directory).
+
+A storage also knows its format's three operations, so the cache above it is format-agnostic:
+``write`` new tokens, ``decode`` attention over a plan's blocks, and ``dense`` K/V of a sequence's
+blocks (a prefill chunk over a cached prefix). ``kv/hack_storage.py`` is the HACK-coded twin.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from pathlib import Path
 import torch
 
 from kvtier.errors import ConfigError
+from kvtier.kernels.attention import DecodePlan, paged_decode_attention, write_kv
+from kvtier.kernels.formats import HackFormat, kv_bytes
 from kvtier.kv.placement import Target
 from kvtier.utils.memory import empty_hugepage
 
@@ -27,17 +33,32 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     block_size: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # K/V as the model hands them over (a float cache stores them in it)
+    fmt: HackFormat | None = None  # a HACK-coded cache (block_size = fmt.pi)
+
+    def __post_init__(self):
+        assert self.fmt is None or self.block_size == self.fmt.pi, "a HACK block is one V partition"
 
     @property
     def part_bytes(self) -> int:
-        """Bytes of the K (or the V) of one block over all layers."""
+        """Bytes of the K (or the V) of one block over all layers (a HACK slab holds both: half of it)."""
+        if self.fmt is not None:
+            return self.block_bytes // 2
         return self.num_layers * self.num_kv_heads * self.block_size * self.head_dim * self.dtype.itemsize
 
     @property
     def block_bytes(self) -> int:
-        """Bytes one block takes over all layers, K and V."""
+        """Bytes one block takes over all layers, K and V (codes, scales, minima and sums for HACK)."""
+        if self.fmt is not None:
+            return self.num_layers * kv_bytes(self.fmt, self.num_kv_heads, self.head_dim).block
         return 2 * self.part_bytes
+
+    @property
+    def tail_bytes(self) -> int:
+        """Bytes per running sequence outside the blocks: HACK's 16-bit V of the open block, all layers."""
+        if self.fmt is None:
+            return 0
+        return self.num_layers * kv_bytes(self.fmt, self.num_kv_heads, self.head_dim).tail_per_sequence
 
     @property
     def token_bytes(self) -> int:
@@ -120,9 +141,34 @@ class KVStorage:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
+    @property
+    def target_device(self) -> torch.device:
+        """Where this target's attention runs and new tokens arrive: K's device."""
+        return self.k.device
+
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one layer, each [num_slots, Hkv, block_size, D]."""
         return self._layers[layer]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor,
+              tails: torch.Tensor) -> None:
+        """k, v [T, Hkv, D] into block ``slots`` [T] at ``offsets`` [T] (``tails``: HACK's, unused here)."""
+        k_cache, v_cache = self._layers[layer]
+        write_kv(k_cache, v_cache, k, v, slots, offsets)
+
+    def decode(self, layer: int, q: torch.Tensor, plan: DecodePlan, scale: float, tails: torch.Tensor,
+               block_lse: bool) -> tuple:
+        """(out [B, Hq, D], lse [B, Hq], block lse [B, Hq, W] or None) over the plan's blocks."""
+        k_cache, v_cache = self._layers[layer]
+        res = paged_decode_attention(q, k_cache, v_cache, plan, scale, return_lse=True, block_lse=block_lse)
+        return res[0], res[1], res[2] if block_lse else None
+
+    def dense(self, layer: int, slots: torch.Tensor, tokens: int, tail: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [Hkv, tokens, D] of the blocks ``slots`` [n] in order, the last one holding the rest."""
+        k_cache, v_cache = self._layers[layer]
+        hkv, d = k_cache.shape[1], k_cache.shape[3]
+        k, v = (c[slots.to(c.device)].transpose(0, 1).reshape(hkv, -1, d)[:, :tokens] for c in (k_cache, v_cache))
+        return k, v
 
     def zero(self, slots: torch.Tensor) -> None:
         """Clear freshly allocated slots so attention never reads stale bits past a context."""
