@@ -7,6 +7,9 @@ block's target and runs decode attention per target, merging the partial results
 exact, so lossless policies give the plain engine's tokens. A step's flat batch puts decode tokens
 first (one per sequence), then prefill chunks, each attending to its sequence's cached prefix plus
 itself, causally. When asked, decode attention also reports the attention mass of every block.
+
+The storages own their format (``KVStorage``: float K/V; ``HackStorage``: HACK codes), so this class
+never looks at bytes: it routes rows and plans to targets, passing each sequence's tail slot along.
 """
 
 from __future__ import annotations
@@ -142,6 +145,8 @@ class TieredKVCache:
         a sequence's open-block V passes through its tail, so its tokens must arrive in order."""
         pl = self.placement
         targets, slots = pl.target_of[blocks], pl.slot_of[blocks]
+        if len(pl.targets) == 1:
+            return [TargetWrite(0, None, self._t(slots), self._t(offsets), self._t(tails))]
         if self.storages[0].layout.fmt is None:
             groups = [np.nonzero(targets == t)[0] for t in np.unique(targets)]
         else:
@@ -162,8 +167,11 @@ class TieredKVCache:
         for i, (t, _) in enumerate(decodes):
             table[i, : len(t)] = t
         valid = table >= 0
-        tgt = np.where(valid, pl.target_of[np.maximum(table, 0)], -1)
         ctx = np.asarray([c for _, c in decodes], dtype=np.int64)
+        if len(pl.targets) == 1:  # one target (the plain cache): the tables themselves, in slots
+            slots = np.where(valid, pl.slot_of[np.maximum(table, 0)], 0)
+            return [TargetDecode(0, DecodePlan(self._t(slots), self._t(ctx)), table, self._t(tails))]
+        tgt = np.where(valid, pl.target_of[np.maximum(table, 0)], -1)
         last_len = (ctx - 1) % bs + 1
         last_tgt = tgt[np.arange(len(decodes)), (ctx - 1) // bs]
         plans = []
