@@ -193,6 +193,11 @@ KV_AVX2 inline __m256 int4_fold(__m256 r, __m256 t, const uint8_t* b, float s, f
   return _mm256_fmadd_ps(halves8(b + 144), _mm256_set1_ps(sum), r);
 }
 
+// a group's weights kPrefetchAhead bytes on: one row's GEMV streams them faster than the prefetchers guess
+KV_AVX2 inline void prefetch_ahead(const uint8_t* b, int64_t bytes) {
+  for (int64_t e = 0; e < bytes; e += 64) _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchAhead + e), _MM_HINT_T0);
+}
+
 // one row: the running sums stay in a register
 KV_AVX2 void int4_avx2_row(const uint8_t* panel, const ActQ& a, int64_t m, float* acc) {
   const int8_t* xq = a.q.data() + m * a.K;
@@ -201,7 +206,7 @@ KV_AVX2 void int4_avx2_row(const uint8_t* panel, const ActQ& a, int64_t m, float
   __m256 r = _mm256_setzero_ps();
   for (int64_t g = 0; g < a.G; ++g) {
     const uint8_t* b = panel + g * kInt4Block;
-    for (int64_t e = 0; e < kInt4Block; e += 64) _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchAhead + e), _MM_HINT_T0);
+    prefetch_ahead(b, kInt4Block);
     __m256i u[8];
     int4_codes(b, u);
     r = int4_fold(r, int4_dot(u, xq + g * kGroup), b, s[g], sum[g]);
@@ -242,7 +247,7 @@ KV_AVX2 void int8_avx2_row(const uint8_t* panel, const ActQ& a, int64_t m, float
   __m256 r = _mm256_setzero_ps();
   for (int64_t g = 0; g < a.G; ++g) {
     const uint8_t* b = panel + g * kInt8Block;
-    for (int64_t e = 0; e < kInt8Block; e += 64) _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchAhead + e), _MM_HINT_T0);
+    prefetch_ahead(b, kInt8Block);
     const __m256 t = _mm256_cvtepi32_ps(int8_dot(b, xq + g * kGroup));
     r = _mm256_fmadd_ps(t, _mm256_mul_ps(halves8(b + 256), _mm256_set1_ps(s[g])), r);
   }
