@@ -121,6 +121,7 @@ def test_writes_go_in_batch_order_per_tier_run(default_loaded):
     cache = engine.cache
 
     class Placement:
+        targets = ["device", "host"]
         target_of = np.array([1, 1, 0, 0, 1])
         slot_of = np.array([4, 5, 6, 7, 8])
 
