@@ -85,8 +85,7 @@ def parse_spec(text: str) -> tuple[str, dict]:
             opts[key] = json.loads(raw)
         except ValueError:
             opts[key] = raw
-    policy_opts = {k: v for k, v in opts.items() if k != KV_DTYPE_KEY}
-    make_policy(name.strip(), policy_opts)  # unknown names and options fail here, before any run
+    make_policy(name.strip(), _policy_options(opts))  # unknown names and options fail here, before any run
     if KV_DTYPE_KEY in opts:
         EngineConfig(kv_dtype=str(opts[KV_DTYPE_KEY]), kv_policy=name.strip())  # an unknown format fails here too
     return name.strip(), opts
@@ -271,9 +270,14 @@ def _finish(row: EvalRow, engine: LLMEngine, ref: Reference, settings: EvalSetti
     row.seconds = time.perf_counter() - t0
 
 
+def _policy_options(opts: dict) -> dict:
+    """A spec's options without the row's KV format: what the policy itself takes."""
+    return {k: v for k, v in opts.items() if k != KV_DTYPE_KEY}
+
+
 def _config(base: EngineConfig, name: str, opts: dict) -> EngineConfig:
     fields = {f: getattr(base, f) for f in base.__slots__}
-    policy_opts = {k: v for k, v in opts.items() if k != KV_DTYPE_KEY}
+    policy_opts = _policy_options(opts)
     kv_dtype = str(opts.get(KV_DTYPE_KEY, base.kv_dtype))
     hack = kv_dtype in HACK_FORMATS or base.kv_dtype in HACK_FORMATS
     block_size = None if hack else base.block_size  # a HACK cache's blocks are its partitions

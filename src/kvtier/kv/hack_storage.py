@@ -49,7 +49,6 @@ class HackStorage:
         slab = slab_offsets(layout.fmt, layout.head_dim)[-1]
         shape = (layout.num_layers, target.num_slots, layout.num_kv_heads, slab)
         self.blocks = mems[target.k_tier].empty(shape, torch.uint8)  # new blocks are zeroed on allocation
-        self.tails = tails
         self._layers = [HackCache(layout.fmt, b, t) for b, t in zip(self.blocks.unbind(0), tails.unbind(0),
                                                                      strict=True)]
 
