@@ -11,13 +11,6 @@
 
 #include <numeric>
 
-#ifndef KV_PF_LOCALITY
-#define KV_PF_LOCALITY 2
-#endif
-#ifndef KV_PREFETCH_AHEAD
-#define KV_PREFETCH_AHEAD 2
-#endif
-
 namespace {
 
 using namespace kvtier;
@@ -40,7 +33,6 @@ struct DecodeArgs {
 constexpr int kMaxG = 16;   // query heads per KV head handled in one pass
 constexpr int kMaxD = 256;
 constexpr int kMaxBS = 64;
-constexpr int64_t kAhead = KV_PREFETCH_AHEAD;  // blocks prefetched ahead of the one being read
 
 // One (sequence, KV head, segment): online softmax over the segment's blocks.
 // Online softmax over n new scores of one query: sc[t] becomes exp(sc[t] - max), the running max m
@@ -164,6 +156,11 @@ inline void store_row(float* out, const v8f* acc, v8f inv) {
 // everything fits in 16 vector registers: scores of 3 or 2 heads x 4 rows, or 1 head x 8 rows; P.V of
 // 4 or 3 heads x 16 elements, 2 heads x 32 or 1 head x 64. Rows past a context are read (within their
 // block) and their scores dropped. q arrives, and the output leaves, in the order load16 reads rows in.
+//
+// Each phase prefetches what the next one reads, one cache line per row it reads itself, so the
+// requests spread over the compute: the scores of a block fetch its V rows, the P.V of a block the K
+// rows of the block one chunk ahead. Only where the hardware cannot foresee the address: a chunk's
+// first block, and a block that does not follow its predecessor in memory (a block-table jump).
 
 constexpr int kChunkTokens = 64;    // tokens per online-softmax step
 
@@ -177,15 +174,19 @@ inline void reduce4_store(v8f a0, v8f a1, v8f a2, v8f a3, float* out) {
   std::memcpy(out, &u, 4 * sizeof(float));
 }
 
-// scores of GB heads (queries qs[g * D]) against rows k[0..U): sc[g * ld + u]; U is 4 or 8
+// scores of GB heads (queries qs[g * D]) against rows k[0..U): sc[g * ld + u]; U is 4 or 8.
+// pf (or null): U rows laid out as k's, prefetched
 template <typename T, int NV, int GB, int U>
-__attribute__((always_inline)) inline void scores_rows(const float* qs, const T* k, float* sc, int64_t ld) {
+__attribute__((always_inline)) inline void scores_rows(const float* qs, const T* k, float* sc, int64_t ld,
+                                                       const T* pf) {
   constexpr int D = 8 * NV;
+  constexpr int kLineSteps = std::max<int>(1, 64 / (16 * sizeof(T)));  // steps of c per cache line
   v8f d[GB][U];
   for (int g = 0; g < GB; ++g)
     for (int u = 0; u < U; ++u) d[g][u] = splat8(0.f);
   for (int c = 0; c < NV / 2; ++c)
     for (int u = 0; u < U; ++u) {
+      if (pf && c % kLineSteps == 0) __builtin_prefetch(pf + u * D + 16 * c);
       v8f x, y;
       load16(k + u * D + 16 * c, x, y);
       for (int g = 0; g < GB; ++g) {
@@ -199,10 +200,11 @@ __attribute__((always_inline)) inline void scores_rows(const float* qs, const T*
   }
 }
 
-// acc[g] += sum over rows t < n of p[g * ld + t] v[t], GB heads, VC vectors (VC / 2 load16) per pass
+// acc[g] += sum over rows t < n of p[g * ld + t] v[t], GB heads, VC vectors (VC / 2 load16) per pass.
+// pf (or null): n rows laid out as vb's, prefetched
 template <typename T, int NV, int GB, int VC>
 __attribute__((always_inline)) inline void pv_rows(v8f (*acc)[NV], const float* p, int64_t ld, const T* vb,
-                                                   int64_t n) {
+                                                   int64_t n, const T* pf) {
   constexpr int D = 8 * NV;
   for (int c0 = 0; c0 < NV; c0 += VC) {
     v8f o[GB][VC];
@@ -210,6 +212,7 @@ __attribute__((always_inline)) inline void pv_rows(v8f (*acc)[NV], const float* 
       for (int v = 0; v < VC; ++v) o[g][v] = acc[g][c0 + v];
     for (int64_t t = 0; t < n; ++t)
       for (int v = 0; v < VC; v += 2) {
+        if (pf && 8 * (c0 + v) * sizeof(T) % 64 == 0) __builtin_prefetch(pf + t * D + 8 * (c0 + v));
         v8f x, y;
         load16(vb + t * D + 8 * (c0 + v), x, y);
         for (int g = 0; g < GB; ++g) {  // vector * scalar: one broadcast from memory
@@ -284,17 +287,6 @@ struct AlignedFloats {
   AlignedFloats& operator=(const AlignedFloats&) = delete;
 };
 
-template <typename T>
-inline void prefetch_block(const T* kbase, const T* vbase, int64_t offset, int64_t elems) {
-#ifndef KV_NO_PREFETCH
-  constexpr int64_t line = 64 / sizeof(T);
-  for (int64_t e = 0; e < elems; e += line) {
-    __builtin_prefetch(kbase + offset + e, 0, KV_PF_LOCALITY);
-    __builtin_prefetch(vbase + offset + e, 0, KV_PF_LOCALITY);
-  }
-#endif
-}
-
 // One segment of one sequence, all KV heads: a block's K (and V) of every head is one contiguous
 // [Hkv, bs, D] slab, so the reads stream through memory (per-head items would jump between 2 KB pieces
 // and defeat the hardware prefetchers). Per-head state (accumulators, max, sum) lives across chunks.
@@ -317,22 +309,24 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t b, int64_t s) {
   const T* kbase = static_cast<const T*>(a.k);
   const T* vbase = static_cast<const T*>(a.v);
   const int64_t slab = Hkv * bs * D;  // one block, all heads
-  auto block_at = [&](int64_t j) { return a.tables[b * a.W + j] * slab; };
+  const int64_t* table = a.tables + b * a.W;
+  auto block_at = [&](int64_t j) { return table[j] * slab; };
+  // prefetch block j's rows in the phase before they are read (see above)? i: its place in its chunk
+  auto fetch = [&](int64_t j, int64_t i) { return j < j1 && (i == 0 || table[j] != table[j - 1] + 1); };
   for (int64_t c0 = j0; c0 < j1; c0 += chunk) {  // blocks and heads in memory order: the reads stream
     const int64_t nb = std::min(chunk, j1 - c0);
     const int64_t n_last = std::min(bs, ctx - (c0 + nb - 1) * bs);
-    for (int64_t j = c0 + kAhead; j < std::min(j1, c0 + nb + kAhead); ++j)
-      if (a.tables[b * a.W + j] != a.tables[b * a.W + j - 1] + 1)  // a jump the hardware cannot foresee
-        prefetch_block(kbase, vbase, block_at(j), slab);
     for (int64_t i = 0; i < nb; ++i) {  // scores
       const int64_t n = i + 1 < nb ? bs : n_last;
+      const bool fetch_v = fetch(c0 + i, i);
       for (int64_t h = 0; h < Hkv; ++h) {
         const T* kb = kbase + block_at(c0 + i) + h * bs * D;
+        const T* vb = vbase + block_at(c0 + i) + h * bs * D;
         score_groups(G, [&](int64_t g0, auto gb, auto rows) {
           const int64_t q = h * G + g0;
           for (int64_t t0 = 0; t0 < n; t0 += rows)
-            scores_rows<T, NV, decltype(gb)::value, decltype(rows)::value>(qs.p + q * D, kb + t0 * D,
-                                                                            sc + q * ld + i * bs + t0, ld);
+            scores_rows<T, NV, decltype(gb)::value, decltype(rows)::value>(
+                qs.p + q * D, kb + t0 * D, sc + q * ld + i * bs + t0, ld, fetch_v && g0 == 0 ? vb + t0 * D : nullptr);
         });
       }
     }
@@ -343,11 +337,15 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t b, int64_t s) {
     }
     for (int64_t i = 0; i < nb; ++i) {  // P.V
       const int64_t n = i + 1 < nb ? bs : n_last;
+      const int64_t ahead = c0 + nb + i;  // the block one chunk ahead (n == bs whenever it exists)
+      const bool fetch_k = fetch(ahead, i);
       for (int64_t h = 0; h < Hkv; ++h) {
         const T* vb = vbase + block_at(c0 + i) + h * bs * D;
+        const T* kb = fetch_k ? kbase + block_at(ahead) + h * bs * D : nullptr;
         pv_groups(G, [&](int64_t g0, auto gb, auto vc) {
           const int64_t q = h * G + g0;
-          pv_rows<T, NV, decltype(gb)::value, decltype(vc)::value>(acc + q, sc + q * ld + i * bs, ld, vb, n);
+          pv_rows<T, NV, decltype(gb)::value, decltype(vc)::value>(acc + q, sc + q * ld + i * bs, ld, vb, n,
+                                                                   g0 == 0 ? kb : nullptr);
         });
       }
     }
