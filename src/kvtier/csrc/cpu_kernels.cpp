@@ -180,13 +180,12 @@ template <typename T, int NV, int GB, int U>
 __attribute__((always_inline)) inline void scores_rows(const float* qs, const T* k, float* sc, int64_t ld,
                                                        const T* pf) {
   constexpr int D = 8 * NV;
-  constexpr int kLineSteps = std::max<int>(1, 64 / (16 * sizeof(T)));  // steps of c per cache line
   v8f d[GB][U];
   for (int g = 0; g < GB; ++g)
     for (int u = 0; u < U; ++u) d[g][u] = splat8(0.f);
   for (int c = 0; c < NV / 2; ++c)
     for (int u = 0; u < U; ++u) {
-      if (pf && c % kLineSteps == 0) __builtin_prefetch(pf + u * D + 16 * c);
+      if (pf && 16 * c * sizeof(T) % 64 == 0) __builtin_prefetch(pf + u * D + 16 * c);  // a line's first step
       v8f x, y;
       load16(k + u * D + 16 * c, x, y);
       for (int g = 0; g < GB; ++g) {
