@@ -3,6 +3,12 @@ import torch
 
 from kvtier.config import EngineConfig
 
+# The suite asserts the CPU engine's behaviour (float32, HF parity, bit-exact policies, the compiled kernels).
+# On a GPU machine ``device="auto"`` would pick CUDA and bfloat16, so here it means the CPU; the tests marked
+# gpu (tests/test_cuda.py) ask for ``device="cuda"`` themselves.
+_torch_device = EngineConfig.torch_device
+EngineConfig.torch_device = lambda self: torch.device("cpu") if self.device == "auto" else _torch_device(self)
+
 
 @pytest.fixture(scope="session")
 def default_llm():

@@ -155,3 +155,5 @@ def test_reference_runs_on_cuda():
     got = kcache_decode_attention(q.cuda(), k.cuda(), v.cuda(), gpu_plan, 0.125, 0.1)
     assert torch.equal(got.selected.cpu(), ref.selected)
     torch.testing.assert_close(got.out.cpu(), ref.out, atol=1e-5, rtol=1e-5)
+    host_v = kcache_decode_attention(q.cuda(), k.cuda(), v, gpu_plan, 0.125, 0.1)  # V in host memory
+    assert torch.equal(host_v.out, got.out) and host_v.out.device == got.out.device

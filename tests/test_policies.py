@@ -103,6 +103,27 @@ def test_kcache_reads_only_top_n_v_rows(default_loaded):
     assert set(engine.kv_usage()) == {"device", "host"}  # K on the device, V on the host
 
 
+@pytest.mark.parametrize("name", ["static", "dynamic"])
+def test_fetched_decode_keeps_the_plain_arithmetic(name, default_loaded, monkeypatch):
+    """A GPU engine copies off-GPU blocks to the GPU and attends over whole tables (``fetch_decode``). Forced here
+    on the CPU, on the reference kernels a GPU runs, it must give the plain engine's tokens exactly."""
+    from kvtier.kernels import ext
+
+    monkeypatch.setattr(ext, "load", lambda *args, **kwargs: None)
+    plain = LLMEngine(EngineConfig(block_size=BLOCK, max_model_len=MAX_LEN), loaded=default_loaded)
+    ref = [o.token_ids for o in LLM.from_engine(plain).generate(PROMPTS[:4], PARAMS, False)]
+    cfg = EngineConfig(kv_policy=name, block_size=BLOCK, max_model_len=MAX_LEN, **CASES[name])
+    engine = LLMEngine(cfg, loaded=default_loaded, log_steps=True)
+    assert not engine.cache.fetch_decode  # on the CPU every tier is attended in place
+    engine.cache.fetch_decode = True
+    fetched, run_fetched = [], engine.cache._decode_fetched
+    monkeypatch.setattr(engine.cache, "_decode_fetched", lambda *args: fetched.append(1) or run_fetched(*args))
+    outs = [o.token_ids for o in LLM.from_engine(engine).generate(PROMPTS[:4], PARAMS, False)]
+    assert outs == ref and fetched
+    t = engine.kv_stats.totals
+    assert t.bytes_read["host"] > 0 and (t.moves > 0) == (name == "dynamic")
+
+
 def test_moves_read_every_source_before_writing(default_loaded):
     """A batch that demotes a block out of a slot and promotes another into it keeps both intact."""
     eng = LLMEngine(EngineConfig(kv_policy="static", block_size=BLOCK, max_model_len=32,

@@ -45,7 +45,8 @@ def write_kv_reference(
     offsets: torch.Tensor,  # [T] slot in its block
 ) -> None:
     k_cache[blocks, :, offsets] = k.to(k_cache.dtype)
-    v_cache[blocks, :, offsets] = v.to(v_cache.dtype)
+    dev = v_cache.device  # V may sit in another tier than K (KCache: K on the GPU, V in host memory)
+    v_cache[blocks.to(dev), :, offsets.to(dev)] = v.to(dev, v_cache.dtype)
 
 
 @dataclass(slots=True)
@@ -103,16 +104,30 @@ def paged_decode_attention_reference(q, k_cache, v_cache, plan: DecodePlan, scal
     gather, invalid = plan.reference_index(hkv, bs)
     t = gather.shape[-1] * bs
     k = k_cache.view(nb * hkv, bs, d)[gather].view(b, hkv, t, d).to(q.dtype)
-    v = v_cache.view(nb * hkv, bs, d)[gather].view(b, hkv, t, d).to(q.dtype)
+    vg = gather.to(v_cache.device)  # V may sit in another memory than K (KCache's exempt layers read it all)
+    v = v_cache.view(nb * hkv, bs, d)[vg].view(b, hkv, t, d).to(q.device, q.dtype)
+    return gathered_decode_attention(q, k, v, invalid, scale, bs if block_lse else None)
+
+
+def gathered_decode_attention(
+    q: torch.Tensor,  # [B, Hq, D]
+    k: torch.Tensor,  # [B, Hkv, T, D] each sequence's keys gathered in table order (T = W * bs)
+    v: torch.Tensor,  # [B, Hkv, T, D]
+    invalid: torch.Tensor,  # [B, 1, 1, T] True past each context
+    scale: float,
+    block_size: int | None = None,  # also each block's log-sum-exp
+) -> tuple[torch.Tensor, ...]:  # out [B, Hq, D], lse [B, Hq] (, block lse [B, Hq, W])
+    b, hq, d = q.shape
+    hkv = k.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
     s = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)  # [B, Hkv, G, T]
     s.masked_fill_(invalid, float("-inf"))
     lse = torch.logsumexp(s.float(), dim=-1)  # [B, Hkv, G]
     p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # a sequence with no keys here: zeros, lse -inf
     out = torch.matmul(p, v).view(b, hq, d), lse.view(b, hq)
-    if not block_lse:
+    if block_size is None:
         return out
-    blocks = torch.logsumexp(s.float().view(b, hkv, hq // hkv, -1, bs), dim=-1)  # [B, Hkv, G, W]
+    blocks = torch.logsumexp(s.float().view(b, hkv, hq // hkv, -1, block_size), dim=-1)  # [B, Hkv, G, W]
     return (*out, blocks.view(b, hq, -1))
 
 

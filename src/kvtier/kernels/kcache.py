@@ -110,7 +110,8 @@ def kcache_decode_attention_reference(q, k_cache, v_cache, plan: DecodePlan, sca
     pos = torch.where(kept, selected, selected[..., :1])  # padding re-reads a selected row (weight 0)
     blocks = plan.block_tables.gather(1, (pos // bs).view(b, -1)).view_as(pos)
     heads = torch.arange(hkv, device=q.device)[None, :, None]
-    v = v_cache[blocks, heads, pos % bs].float()  # [B, Hkv, N, D]: the selected rows only
+    dev = v_cache.device  # V may sit in slower memory than K: only the selected rows cross over
+    v = v_cache[blocks.to(dev), heads.to(dev), (pos % bs).to(dev)].to(q.device).float()  # [B, Hkv, N, D]
     ps = torch.where(kept[:, :, None, :], p.gather(-1, pos[:, :, None, :].expand(-1, -1, hq // hkv, -1)), 0.0)
     out = ps @ v  # [B, Hkv, G, D]
     if renormalize:

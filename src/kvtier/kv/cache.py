@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kvtier.kernels.attention import DecodePlan, merge_attention, prefill_attention
+from kvtier.kernels.attention import DecodePlan, gathered_decode_attention, merge_attention, prefill_attention
 from kvtier.kv.placement import BlockPlacement, Move
 from kvtier.kv.storage import KVStorage
 
@@ -57,6 +57,17 @@ class TargetDecode:
 
 
 @dataclass(slots=True)
+class FetchDecode:
+    """A GPU engine's decode over blocks of several memories: each layer copies the blocks the step reads to
+    the GPU in table order (host blocks over the link) and attends over whole tables, as the plain cache."""
+
+    blocks: np.ndarray  # [B, W] logical ids (-1: padding)
+    invalid: torch.Tensor  # [B, 1, 1, W * bs] True past each context
+    parts: list[tuple[int, torch.Tensor, torch.Tensor]]  # per target: (target, entries of the flat [B * W]
+    # table on the GPU, their slots on the target's device)
+
+
+@dataclass(slots=True)
 class PrefillSpan:
     start_token: int  # first token of the chunk in the flat batch
     num_tokens: int
@@ -71,6 +82,7 @@ class AttentionMetadata:
     writes: list[TargetWrite]
     num_decode: int = 0
     decodes: list[TargetDecode] = field(default_factory=list)
+    fetch: FetchDecode | None = None  # set where decode attention runs on fetched copies (fetch_decode)
     prefills: list[PrefillSpan] = field(default_factory=list)
     observe: bool = False  # accumulate each block's attention mass
 
@@ -97,6 +109,11 @@ class TieredKVCache:
         self.trace_layers = False
         self.tokens_read: dict[int, int] = {}  # this step: cached tokens attention reads, per target
         self.v_rows_read = 0  # this step, KCache: V rows read (per layer and KV head)
+        # A GPU engine with float blocks off the GPU fetches them for decode attention rather than attending
+        # where they are: the plain cache's arithmetic on the same values, so lossless policies stay exact
+        # (the simulator's `fetch` offload). A policy with its own attention (KCache) reads in place.
+        self.fetch_decode = device.type == "cuda" and storages[0].layout.fmt is None and not hasattr(
+            policy, "decode_attention") and any(s.target_device != device for s in storages)
 
     # ---- step planning ----------------------------------------------------------------------------
     def prepare(self, decodes: list[tuple[list[int], int]], prefills: list[tuple[list[int], int, int]],
@@ -112,6 +129,8 @@ class TieredKVCache:
             meta.decodes = self._decode_plans(decodes, tails[: len(decodes)])
             for d in meta.decodes:
                 self._count(d.target, int(d.plan.context_lens.sum()))
+            if self.fetch_decode:
+                meta.fetch = self._fetch_plan(decodes)
         start = len(decodes)
         for (table, cached, n), tail in zip(prefills, tails[len(decodes):], strict=True):
             span_blocks = self._blocks_of(table, cached + n) if cached else []
@@ -160,12 +179,31 @@ class TieredKVCache:
                                    self._t(offsets[rows]), self._t(tails[rows])))
         return out
 
-    def _decode_plans(self, decodes, tails: list[int]) -> list[TargetDecode]:
-        pl, bs = self.placement, self.block_size
+    @staticmethod
+    def _table(decodes) -> np.ndarray:  # [B, W] the decodes' block tables, -1 padded
         width = max(len(t) for t, _ in decodes)
         table = np.full((len(decodes), width), -1, dtype=np.int64)
         for i, (t, _) in enumerate(decodes):
             table[i, : len(t)] = t
+        return table
+
+    def _fetch_plan(self, decodes) -> FetchDecode:
+        pl, table = self.placement, self._table(decodes)
+        ids = np.maximum(table, 0)
+        tgt = np.where(table >= 0, pl.target_of[ids], -1).ravel()
+        slots = pl.slot_of[ids].ravel()
+        parts = []
+        for t in np.unique(tgt[tgt >= 0]):
+            entries = np.nonzero(tgt == t)[0]
+            dev = self.storages[int(t)].target_device
+            parts.append((int(t), self._t(entries), torch.as_tensor(slots[entries], device=dev)))
+        ctx = self._t([c for _, c in decodes])
+        pos = torch.arange(table.shape[1] * self.block_size, device=self.device)
+        return FetchDecode(table, (pos[None, :] >= ctx[:, None])[:, None, None, :], parts)
+
+    def _decode_plans(self, decodes, tails: list[int]) -> list[TargetDecode]:
+        pl, bs = self.placement, self.block_size
+        table = self._table(decodes)
         valid = table >= 0
         ctx = np.asarray([c for _, c in decodes], dtype=np.int64)
         if len(pl.targets) == 1:  # one target (the plain cache): the tables themselves, in slots
@@ -229,11 +267,30 @@ class TieredKVCache:
         return out
 
     def _decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # [B, Hq, D]
-        parts = [self._decode_target(layer, q, d, meta.observe) for d in meta.decodes]
-        out, lse = (parts[0][0], parts[0][1]) if len(parts) == 1 else merge_attention([p[:2] for p in parts])
+        if meta.fetch is not None:
+            out, lse, *blse = self._decode_fetched(layer, q, meta.fetch, meta.observe)
+            pieces = [(meta.fetch.blocks, blse[0] if blse else None)]
+        else:
+            parts = [self._decode_target(layer, q, d, meta.observe) for d in meta.decodes]
+            out, lse = (parts[0][0], parts[0][1]) if len(parts) == 1 else merge_attention([p[:2] for p in parts])
+            pieces = [(d.blocks, p[2]) for d, p in zip(meta.decodes, parts, strict=True)]
         if meta.observe:
-            self._observe(meta, lse, [p[2] for p in parts])
+            self._observe(lse, pieces)
         return out
+
+    def _decode_fetched(self, layer: int, q: torch.Tensor, f: FetchDecode, observe: bool) -> tuple:
+        """(out, lse (, block lse)) over whole tables: every block read copied to q's device in table order."""
+        b, w = f.blocks.shape
+        k0 = self.storages[0].layer(layer)[0]
+        _, hkv, bs, d = k0.shape
+        k = torch.zeros((b * w, hkv, bs, d), dtype=k0.dtype, device=q.device)  # padding: finite, masked
+        v = torch.zeros_like(k)
+        for t, entries, slots in f.parts:
+            kc, vc = self.storages[t].layer(layer)
+            k[entries] = _rows_to(kc, slots, q.device)
+            v[entries] = _rows_to(vc, slots, q.device)
+        k, v = (x.view(b, w, hkv, bs, d).transpose(1, 2).reshape(b, hkv, w * bs, d).to(q.dtype) for x in (k, v))
+        return gathered_decode_attention(q, k, v, f.invalid, self.scale, bs if observe else None)
 
     def _decode_target(self, layer: int, q: torch.Tensor, d: TargetDecode, observe: bool) -> tuple:
         """(out, lse, block_lse or None) over one target's blocks, computed where the K lives
@@ -253,18 +310,19 @@ class TieredKVCache:
             res = [r if r is None else r.to(q.device) for r in res]
         return tuple(res)
 
-    def _observe(self, meta: AttentionMetadata, lse: torch.Tensor, block_lses: list) -> None:
+    def _observe(self, lse: torch.Tensor, pieces: list[tuple[np.ndarray, torch.Tensor | None]]) -> None:
+        """``pieces``: (logical ids [B, W_t], block lse [B, Hq, W_t] or None) per part attention ran over."""
         obs, detail = self.obs, []
-        for d, blse in zip(meta.decodes, block_lses, strict=True):
+        hkv = self.storages[0].layout.num_kv_heads
+        for blocks, blse in pieces:
             if blse is None:
                 continue
             b, hq, w = blse.shape
-            hkv = self.storages[d.target].layout.num_kv_heads
             mass = torch.exp(blse - lse[..., None]).view(b, hkv, hq // hkv, w).sum(2)  # [B, Hkv, W_t]
-            ids = torch.as_tensor(d.blocks, device=mass.device)
+            ids = torch.as_tensor(blocks, device=mass.device)
             keep = ids >= 0
             obs.mass.index_add_(0, ids[keep], mass.sum(1)[keep])
-            detail.append((d.blocks, mass))
+            detail.append((blocks, mass))
         if obs.layers is not None:
             obs.layers.append(detail)
 
@@ -308,3 +366,12 @@ class TieredKVCache:
         for t in np.unique(tgt):
             self.storages[int(t)].zero(self._t(slots[tgt == t]))
 
+
+def _rows_to(cache: torch.Tensor, slots: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``cache[slots]`` on ``device``; rows of host memory are gathered into pinned memory first, so the copy
+    over the link is one asynchronous DMA rather than a staged copy of pageable memory."""
+    if cache.device == device:
+        return cache[slots]
+    rows = torch.empty((len(slots), *cache.shape[1:]), dtype=cache.dtype, pin_memory=device.type == "cuda")
+    torch.index_select(cache, 0, slots, out=rows)
+    return rows.to(device, non_blocking=True)
