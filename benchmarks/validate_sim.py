@@ -3,6 +3,8 @@
     python benchmarks/validate_sim.py --clock cpu          # profile, grid, end to end (~15 min on 2 cores)
     python benchmarks/validate_sim.py --hardware local     # reuse the last `kvtier profile`
     python benchmarks/validate_sim.py --batches 1,8 --contexts 256,1024 --e2e-requests 0   # a quick look
+    kvtier profile -m llama-3-8b && python benchmarks/validate_sim.py --hardware local --model llama-3-8b \
+        --load-format dummy --e2e-requests 0           # on a GPU: Llama-3-8B shapes, random weights
 
 Step times: the engine runs the default model on a grid (batch x context). For each context, the
 largest batch is prefilled (the log records these prefill and mixed steps too; contexts above
@@ -209,7 +211,7 @@ def serve_engine(engine: LLMEngine, specs, virtual: bool, steps: list) -> list[R
 
 
 def e2e_report(loaded, hw, args) -> dict:
-    cfg = EngineConfig(model="default", num_kv_blocks=args.e2e_blocks, max_num_seqs=args.e2e_max_seqs,
+    cfg = EngineConfig(**model_options(args), num_kv_blocks=args.e2e_blocks, max_num_seqs=args.e2e_max_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.e2e_max_model_len)
     specs = poisson(args.e2e_rate, args.e2e_requests, args.e2e_prompt_len, args.e2e_output_len, seed=0)
     sim = ServingSimulator(cfg, hw)
@@ -251,9 +253,16 @@ def _replayed(log: list[dict], steps: list, cost: CostModel, block_size: int) ->
     return {"steps": len(meas), "mape": mape, "bias": bias, "busy_s": busy, "simulated_busy_s": float(pred.sum())}
 
 
+def model_options(args) -> dict:
+    return dict(model=args.model, load_format=args.load_format, dtype=args.dtype)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hardware", default=None, help="hardware file or 'local' (default: profile now)")
+    ap.add_argument("--model", default="default", help="the engine's --model (a named shape with --load-format dummy)")
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--dtype", default="auto", help="auto: float32 on a CPU, bfloat16 on a GPU")
     ap.add_argument("--repeats", type=int, default=5, help="profile: best of N")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--contexts", default="256,1024,4096")
@@ -286,13 +295,15 @@ def main() -> None:
     b_max, c_max = max(batches, default=1), max(contexts, default=16)
     blocks = b_max * math.ceil((c_max + 4 * args.decode_steps + 4 * b_max) / 16) + 64
     blocks = max(blocks, 8192 // 16)  # the engine wants room for one sequence of the model's whole context
-    engine = LLMEngine(EngineConfig(model="default", num_kv_blocks=blocks, max_num_seqs=b_max,
+    engine = LLMEngine(EngineConfig(**model_options(args), num_kv_blocks=blocks, max_num_seqs=b_max,
                                     max_num_batched_tokens=args.max_num_batched_tokens), log_steps=True)
+    dtype = str(engine.loaded.model.dtype).removeprefix("torch.")
+    print(f"engine: {engine.loaded.name} on {engine.runner.device}, {dtype}", flush=True)
     results = {"hardware": hw_path}
     if batches and contexts:
         print(f"step grid: batches {batches} x contexts {contexts}, {args.decode_steps} decode steps each", flush=True)
         records = run_grid(engine, batches, contexts, args.decode_steps, args.real_prefill_max)
-        cost = CostModel(hw, engine.model_config, "float32", engine.config.block_size)
+        cost = CostModel(hw, engine.model_config, dtype, engine.config.block_size)
         results["steps"] = step_report(records, cost, engine.config.block_size)
         results["step_records"] = [{k: v for k, v in r.items() if k != "log"} | {"log": r["log"]} for r in records]
     loaded = engine.loaded
