@@ -3,6 +3,7 @@ engine token for token under a fast-tier budget so small that placement, migrati
 happens every few steps; every one must leave the pool empty, keep its placement consistent and
 report its KV bytes per tier."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,13 +104,17 @@ def test_kcache_reads_only_top_n_v_rows(default_loaded):
     assert set(engine.kv_usage()) == {"device", "host"}  # K on the device, V on the host
 
 
+@pytest.mark.parametrize("runs_share", [1.0, 0.0], ids=["runs", "rows"])
 @pytest.mark.parametrize("name", ["static", "dynamic"])
-def test_fetched_decode_keeps_the_plain_arithmetic(name, default_loaded, monkeypatch):
-    """A GPU engine copies off-GPU blocks to the GPU and attends over whole tables (``fetch_decode``). Forced here
-    on the CPU, on the reference kernels a GPU runs, it must give the plain engine's tokens exactly."""
+def test_fetched_decode_keeps_the_plain_arithmetic(name, runs_share, default_loaded, monkeypatch):
+    """A GPU engine copies off-GPU blocks to the GPU and attends over whole tables (``fetch_decode``), the next
+    layer's copies ahead of its writes. Forced here on the CPU, on the reference kernels a GPU runs, with blocks
+    copied as runs of consecutive slots or gathered row by row, it must give the plain engine's tokens exactly."""
     from kvtier.kernels import ext
+    from kvtier.kv import fetch
 
     monkeypatch.setattr(ext, "load", lambda *args, **kwargs: None)
+    monkeypatch.setattr(fetch, "MAX_RUNS_SHARE", runs_share)
     plain = LLMEngine(EngineConfig(block_size=BLOCK, max_model_len=MAX_LEN), loaded=default_loaded)
     ref = [o.token_ids for o in LLM.from_engine(plain).generate(PROMPTS[:4], PARAMS, False)]
     cfg = EngineConfig(kv_policy=name, block_size=BLOCK, max_model_len=MAX_LEN, **CASES[name])
@@ -122,6 +127,14 @@ def test_fetched_decode_keeps_the_plain_arithmetic(name, default_loaded, monkeyp
     assert outs == ref and fetched
     t = engine.kv_stats.totals
     assert t.bytes_read["host"] > 0 and (t.moves > 0) == (name == "dynamic")
+
+
+def test_fetch_runs():
+    from kvtier.kv.fetch import _runs
+
+    entries, slots = np.array([0, 1, 2, 5, 6, 9]), np.array([3, 4, 5, 0, 1, 7])
+    assert _runs(entries, slots) == [(0, 3, 3), (5, 0, 2), (9, 7, 1)]
+    assert _runs(np.array([4, 5]), np.array([2, 7])) == [(4, 2, 1), (5, 7, 1)]
 
 
 def test_moves_read_every_source_before_writing(default_loaded):

@@ -4,7 +4,8 @@ the blocks live.
 Blocks are spread over storage targets (memory tiers); ``prepare`` turns a step's block tables
 (logical ids) into per-target slot tables once, and every layer then writes each new token into its
 block's target and runs decode attention per target, merging the partial results by log-sum-exp:
-exact, so lossless policies give the plain engine's tokens. A step's flat batch puts decode tokens
+exact, so lossless policies give the plain engine's tokens. On a GPU with blocks off the GPU, decode
+attention instead fetches them and attends over whole tables (``kv/fetch.py``). A step's flat batch puts decode tokens
 first (one per sequence), then prefill chunks, each attending to its sequence's cached prefix plus
 itself, causally. When asked, decode attention also reports the attention mass of every block.
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from kvtier.kernels.attention import DecodePlan, gathered_decode_attention, merge_attention, prefill_attention
+from kvtier.kv.fetch import DecodeFetch, plan_fetch
 from kvtier.kv.placement import BlockPlacement, Move
 from kvtier.kv.storage import KVStorage
 
@@ -57,17 +59,6 @@ class TargetDecode:
 
 
 @dataclass(slots=True)
-class FetchDecode:
-    """A GPU engine's decode over blocks of several memories: each layer copies the blocks the step reads to
-    the GPU in table order (host blocks over the link) and attends over whole tables, as the plain cache."""
-
-    blocks: np.ndarray  # [B, W] logical ids (-1: padding)
-    invalid: torch.Tensor  # [B, 1, 1, W * bs] True past each context
-    parts: list[tuple[int, torch.Tensor, torch.Tensor]]  # per target: (target, entries of the flat [B * W]
-    # table on the GPU, their slots on the target's device)
-
-
-@dataclass(slots=True)
 class PrefillSpan:
     start_token: int  # first token of the chunk in the flat batch
     num_tokens: int
@@ -82,7 +73,7 @@ class AttentionMetadata:
     writes: list[TargetWrite]
     num_decode: int = 0
     decodes: list[TargetDecode] = field(default_factory=list)
-    fetch: FetchDecode | None = None  # set where decode attention runs on fetched copies (fetch_decode)
+    fetch: DecodeFetch | None = None  # set where decode attention runs on fetched copies (fetch_decode)
     prefills: list[PrefillSpan] = field(default_factory=list)
     observe: bool = False  # accumulate each block's attention mass
 
@@ -130,7 +121,10 @@ class TieredKVCache:
             for d in meta.decodes:
                 self._count(d.target, int(d.plan.context_lens.sum()))
             if self.fetch_decode:
-                meta.fetch = self._fetch_plan(decodes)
+                pl = self.placement
+                meta.fetch = plan_fetch(self._table(decodes), [c for _, c in decodes], pl.target_of, pl.slot_of,
+                                        self.storages, self.block_size, self.device)
+                meta.fetch.start(0, self.storages)  # layer 0's copies overlap the embedding
         start = len(decodes)
         for (table, cached, n), tail in zip(prefills, tails[len(decodes):], strict=True):
             span_blocks = self._blocks_of(table, cached + n) if cached else []
@@ -187,20 +181,6 @@ class TieredKVCache:
             table[i, : len(t)] = t
         return table
 
-    def _fetch_plan(self, decodes) -> FetchDecode:
-        pl, table = self.placement, self._table(decodes)
-        ids = np.maximum(table, 0)
-        tgt = np.where(table >= 0, pl.target_of[ids], -1).ravel()
-        slots = pl.slot_of[ids].ravel()
-        parts = []
-        for t in np.unique(tgt[tgt >= 0]):
-            entries = np.nonzero(tgt == t)[0]
-            dev = self.storages[int(t)].target_device
-            parts.append((int(t), self._t(entries), torch.as_tensor(slots[entries], device=dev)))
-        ctx = self._t([c for _, c in decodes])
-        pos = torch.arange(table.shape[1] * self.block_size, device=self.device)
-        return FetchDecode(table, (pos[None, :] >= ctx[:, None])[:, None, None, :], parts)
-
     def _decode_plans(self, decodes, tails: list[int]) -> list[TargetDecode]:
         pl, bs = self.placement, self.block_size
         table = self._table(decodes)
@@ -253,10 +233,10 @@ class TieredKVCache:
             storage.write(layer, kk, vv, *w.on(dev))
         nd = meta.num_decode
         if nd and not meta.prefills:
-            return self._decode(layer, q, meta)
+            return self._decode(layer, q, k, v, meta)
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = self._decode(layer, q[:nd], meta)
+            out[:nd] = self._decode(layer, q[:nd], k[:nd], v[:nd], meta)
         for span in meta.prefills:
             s, e = span.start_token, span.start_token + span.num_tokens
             if span.start_pos == 0:
@@ -266,9 +246,10 @@ class TieredKVCache:
             out[s:e] = prefill_attention(q[s:e], kk.to(q.dtype), vv.to(q.dtype), self.scale)
         return out
 
-    def _decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # [B, Hq, D]
+    def _decode(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:  # [B, Hq, D]; k_new, v_new [B, Hkv, D]: the new tokens
         if meta.fetch is not None:
-            out, lse, *blse = self._decode_fetched(layer, q, meta.fetch, meta.observe)
+            out, lse, *blse = self._decode_fetched(layer, q, k_new, v_new, meta.fetch, meta.observe)
             pieces = [(meta.fetch.blocks, blse[0] if blse else None)]
         else:
             parts = [self._decode_target(layer, q, d, meta.observe) for d in meta.decodes]
@@ -278,19 +259,14 @@ class TieredKVCache:
             self._observe(lse, pieces)
         return out
 
-    def _decode_fetched(self, layer: int, q: torch.Tensor, f: FetchDecode, observe: bool) -> tuple:
-        """(out, lse (, block lse)) over whole tables: every block read copied to q's device in table order."""
-        b, w = f.blocks.shape
-        k0 = self.storages[0].layer(layer)[0]
-        _, hkv, bs, d = k0.shape
-        k = torch.zeros((b * w, hkv, bs, d), dtype=k0.dtype, device=q.device)  # padding: finite, masked
-        v = torch.zeros_like(k)
-        for t, entries, slots in f.parts:
-            kc, vc = self.storages[t].layer(layer)
-            k[entries] = _rows_to(kc, slots, q.device)
-            v[entries] = _rows_to(vc, slots, q.device)
-        k, v = (x.view(b, w, hkv, bs, d).transpose(1, 2).reshape(b, hkv, w * bs, d).to(q.dtype) for x in (k, v))
-        return gathered_decode_attention(q, k, v, f.invalid, self.scale, bs if observe else None)
+    def _decode_fetched(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                        f: DecodeFetch, observe: bool) -> tuple:
+        """(out, lse (, block lse)) over whole tables, every block read copied to q's device in table order."""
+        k, v = f.take(layer, self.storages, k_new, v_new)
+        if layer + 1 < self.storages[0].layout.num_layers:
+            f.start(layer + 1, self.storages)  # the next layer's copies run during this layer's compute
+        return gathered_decode_attention(q, k.to(q.dtype), v.to(q.dtype), f.invalid, self.scale,
+                                         self.block_size if observe else None)
 
     def _decode_target(self, layer: int, q: torch.Tensor, d: TargetDecode, observe: bool) -> tuple:
         """(out, lse, block_lse or None) over one target's blocks, computed where the K lives
@@ -366,12 +342,3 @@ class TieredKVCache:
         for t in np.unique(tgt):
             self.storages[int(t)].zero(self._t(slots[tgt == t]))
 
-
-def _rows_to(cache: torch.Tensor, slots: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``cache[slots]`` on ``device``; rows of host memory are gathered into pinned memory first, so the copy
-    over the link is one asynchronous DMA rather than a staged copy of pageable memory."""
-    if cache.device == device:
-        return cache[slots]
-    rows = torch.empty((len(slots), *cache.shape[1:]), dtype=cache.dtype, pin_memory=device.type == "cuda")
-    torch.index_select(cache, 0, slots, out=rows)
-    return rows.to(device, non_blocking=True)
