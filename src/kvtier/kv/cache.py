@@ -4,10 +4,11 @@ the blocks live.
 Blocks are spread over storage targets (memory tiers); ``prepare`` turns a step's block tables
 (logical ids) into per-target slot tables once, and every layer then writes each new token into its
 block's target and runs decode attention per target, merging the partial results by log-sum-exp:
-exact, so lossless policies give the plain engine's tokens. On a GPU with blocks off the GPU, decode
-attention instead fetches them and attends over whole tables (``kv/fetch.py``). A step's flat batch puts decode tokens
-first (one per sequence), then prefill chunks, each attending to its sequence's cached prefix plus
-itself, causally. When asked, decode attention also reports the attention mass of every block.
+exact, so lossless policies give the plain engine's tokens. A GPU engine with blocks off the GPU
+instead fetches them and attends over whole tables (``kv/fetch.py``). A step's flat batch puts
+decode tokens first (one per sequence), then prefill chunks, each attending to its sequence's cached
+prefix plus itself, causally. When asked, decode attention also reports the attention mass of every
+block.
 
 The storages own their format (``KVStorage``: float K/V; ``HackStorage``: HACK codes), so this class
 never looks at bytes: it routes rows and plans to targets, passing each sequence's tail slot along.
@@ -269,8 +270,8 @@ class TieredKVCache:
                                          self.block_size if observe else None)
 
     def _decode_target(self, layer: int, q: torch.Tensor, d: TargetDecode, observe: bool) -> tuple:
-        """(out, lse, block_lse or None) over one target's blocks, computed where the K lives
-        (a host target on a GPU machine: CPU attention, NEO-style), returned on q's device."""
+        """(out, lse, block_lse or None) over one target's blocks, computed where the K lives (off q's
+        device only where the cache does not fetch: CPU attention, NEO-style), returned on q's device."""
         storage = self.storages[d.target]
         dev = storage.target_device
         here = dev == q.device
