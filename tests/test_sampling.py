@@ -1,21 +1,48 @@
 """Sampling parameters and stop conditions on the real default model."""
 
+from collections import Counter
+
 import pytest
+import torch
 
 from kvtier import SamplingParams
+from kvtier.engine.sampler import draw
 from kvtier.errors import RequestError
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
+def test_draws_follow_the_distribution():
+    """Inverse-CDF draws: frequencies within 4 sigma of the probabilities, never a token of zero mass (also
+    where the draw rounds to the whole mass), unnormalized rows as min-p leaves them."""
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 2.0, 0.0], [0.1, 0.0, 0.0, 0.0, 0.3]])
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = [Counter() for _ in probs]
+    for _ in range(n):
+        for c, t in zip(counts, draw(probs, [g, g, g]).tolist(), strict=True):
+            c[t] += 1
+    for row, c in zip(probs, counts, strict=True):
+        p = row / row.sum()
+        assert set(c) == set(torch.nonzero(p).flatten().tolist())
+        for t, f in c.items():
+            assert abs(f / n - p[t].item()) < 4 * (p[t].item() * (1 - p[t].item()) / n) ** 0.5 + 1e-9
+    top = torch.tensor([[0.25, 0.75, 0.0]])
+    assert draw(top, [torch.Generator().manual_seed(1)]).item() in (0, 1)
+    edge = torch.tensor([[1.0, 1.0, 0.0, 0.0]])  # a draw of exactly the whole mass takes the last token with mass
+    assert torch.searchsorted(edge.cumsum(-1), edge.sum(-1, keepdim=True), right=True).item() == 4
+    sure = [torch.Generator().manual_seed(s) for s in range(64)]
+    assert all(t in (0, 1) for t in draw(edge.expand(64, -1).contiguous(), sure).tolist())
+
+
 def test_same_seed_same_text_regardless_of_batch(default_llm):
-    p = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=1234)
+    p = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=1234, ignore_eos=True)
     alone = default_llm.generate(PROMPT, p, use_tqdm=False)[0]
     others = SamplingParams(temperature=1.0, max_tokens=24)
     batched = default_llm.generate(["Hello there", PROMPT, "1, 2, 3,"], [others, p, others], use_tqdm=False)[1]
     assert alone.token_ids == batched.token_ids
-    different = default_llm.generate(PROMPT, SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=99),
-                                     use_tqdm=False)[0]
+    other_seed = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=99, ignore_eos=True)
+    different = default_llm.generate(PROMPT, other_seed, use_tqdm=False)[0]
     assert different.token_ids != alone.token_ids
 
 

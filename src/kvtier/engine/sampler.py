@@ -1,5 +1,6 @@
 """Token selection: greedy rows by argmax; sampled rows through temperature, top-k, top-p and
-min-p masks, then one draw each from the row's own generator (seeded requests reproduce)."""
+min-p masks, then one draw each from the row's own generator (seeded requests reproduce), by
+inverse CDF."""
 
 from __future__ import annotations
 
@@ -43,6 +44,18 @@ def sample(
     min_p = torch.tensor([params[i].min_p for i in rows], device=logits.device)
     if bool((min_p > 0).any()):
         probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
-    for j, i in enumerate(rows):
-        out[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]))
+    for i, token in zip(rows, draw(probs, [generators[i] for i in rows]).tolist(), strict=True):
+        out[i] = token
     return out
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of ``probs`` [N, V] (unnormalized, >= 0) by inverse CDF: a single uniform from each
+    row's generator, so a seeded request draws the same tokens in any batch. ``torch.multinomial`` costs
+    1-4 ms per 49K-token row on a CPU core; this is one cumsum and one binary search for all rows."""
+    u = torch.stack([torch.rand((), generator=g, device=probs.device) for g in generators])  # [N]
+    cdf = probs.cumsum(dim=-1)  # [N, V]
+    total = cdf[:, -1:].contiguous()
+    idx = torch.searchsorted(cdf, u[:, None] * total, right=True)  # first token whose cdf passes the draw
+    last = torch.searchsorted(cdf, total, right=False)  # the last token with mass (u * total rounded up)
+    return torch.minimum(idx, last).squeeze(1)
