@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvtier import SamplingParams
-from kvtier.engine.sampler import draw
+from kvtier.engine.sampler import _candidates, draw
 from kvtier.errors import RequestError
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -33,6 +33,28 @@ def test_draws_follow_the_distribution():
     assert torch.searchsorted(edge.cumsum(-1), edge.sum(-1, keepdim=True), right=True).item() == 4
     sure = [torch.Generator().manual_seed(s) for s in range(64)]
     assert all(t in (0, 1) for t in draw(edge.expand(64, -1).contiguous(), sure).tolist())
+
+
+def _kept_by_sorting(logits, top_k, top_p):
+    """Top-k then top-p on the whole sorted row, in float64: the tokens kept, as a boolean mask [N, V]."""
+    vals, order = logits.double().sort(dim=-1, descending=True)
+    v = logits.shape[-1]
+    drop = torch.arange(v)[None, :] >= torch.where(top_k > 0, top_k, v)[:, None]
+    probs = vals.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    drop |= probs.cumsum(-1) - probs >= top_p[:, None].double()
+    drop[:, 0] = False
+    return torch.zeros_like(drop).scatter(-1, order, ~drop)
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])  # flat rows (whole sort) to peaked ones (top 1024)
+def test_top_k_top_p_candidates_match_a_whole_sort(scale):
+    g = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(8, 20000, generator=g) * scale
+    top_k = torch.tensor([0, 5, 0, 3000, 0, 40, 0, 1])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.99, 0.95, 0.8, 0.99, 0.7])
+    vals, ids = _candidates(logits, top_k, top_p)
+    kept = torch.zeros(logits.shape, dtype=torch.bool).scatter(-1, ids, vals > float("-inf"))
+    assert torch.equal(kept, _kept_by_sorting(logits, top_k, top_p))
 
 
 def test_same_seed_same_text_regardless_of_batch(default_llm):

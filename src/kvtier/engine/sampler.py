@@ -8,19 +8,46 @@ import torch
 
 from kvtier.sampling_params import SamplingParams
 
+CANDIDATES = 1024  # top-k/top-p look at each row's top tokens first, not at a sort of the vocabulary
 
-def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    # logits: [N, V] already divided by temperature; top_k: [N] (0 = off); top_p: [N]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+
+def _candidates(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k and top-p survivors of each row as (logits [N, W] with -inf where dropped, token ids [N, W]).
+
+    logits: [N, V] already divided by temperature; top_k: [N] (0 = off); top_p: [N]. Each row's top
+    CANDIDATES tokens (or its top_k) first; a row without top-k that keeps less than top_p of its mass
+    within them is sorted whole (then W = V). A token is kept while the mass before it is < top_p, the
+    mass over the row's top-k set."""
+    n, v = logits.shape
+    k = torch.where(top_k > 0, top_k, v)  # [N]
+    whole = logits.logsumexp(-1) if bool((k >= v).any()) else None  # [N], for the rows without top-k
+    vals, ids, covered = _top(logits, k, top_p, min(v, max(CANDIDATES, int(top_k.max()))), whole)
+    if bool(covered.all()):
+        return vals, ids
+    rest = ~covered
+    all_vals = torch.full((n, v), float("-inf"), device=logits.device)
+    all_ids = torch.zeros((n, v), dtype=ids.dtype, device=logits.device)
+    all_vals[covered, : vals.shape[1]], all_ids[covered, : ids.shape[1]] = vals[covered], ids[covered]
+    all_vals[rest], all_ids[rest], _ = _top(logits[rest], k[rest], top_p[rest], v, whole[rest])
+    return all_vals, all_ids
+
+
+def _top(logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, width: int, whole: torch.Tensor | None
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_candidates`` within each row's top ``width`` tokens, and [N] whether that holds the row's cut.
+    ``whole``: each row's log-sum-exp over all tokens (None: every row has a top-k)."""
     v = logits.shape[-1]
-    ranks = torch.arange(v, device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, v)[:, None]
-    drop = ranks >= k
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # keep a token while the mass before it is < top_p
+    vals, ids = logits.topk(width, dim=-1)  # [N, W] descending
+    drop = torch.arange(width, device=logits.device)[None, :] >= k[:, None]
+    if whole is None or not bool((k >= v).all()):  # the mass over each row's top-k set
+        lse = vals.masked_fill(drop, float("-inf")).logsumexp(-1)
+        whole = lse if whole is None else torch.where(k < v, lse, whole)
+    probs = torch.exp(vals - whole[:, None]).masked_fill_(drop, 0.0)  # [N, W] over each row's top-k set
+    mass_before = probs.double().cumsum(dim=-1) - probs  # summed in float64: a cut at 0.99 of a flat row
+    covered = (k <= width) | (mass_before[:, -1] + probs[:, -1] >= top_p)
     drop |= mass_before >= top_p[:, None]
     drop[:, 0] = False
-    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return vals.masked_fill(drop, float("-inf")), ids, covered
 
 
 def sample(
@@ -33,18 +60,18 @@ def sample(
     if not rows:
         return greedy.tolist()
     out = greedy.tolist()
-    sub = logits[rows]
-    temp = torch.tensor([params[i].temperature for i in rows], device=logits.device)
-    sub = sub / temp[:, None]
-    top_k = torch.tensor([params[i].top_k for i in rows], device=logits.device)
-    top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)
+    column = lambda name: torch.tensor([getattr(params[i], name) for i in rows], device=logits.device)  # noqa: E731
+    sub, ids = logits[rows] / column("temperature")[:, None], None
+    top_k, top_p, min_p = column("top_k"), column("top_p"), column("min_p")
     if bool((top_k > 0).any() or (top_p < 1).any()):
-        sub = _mask_top_k_top_p(sub, top_k, top_p)
+        sub, ids = _candidates(sub, top_k, top_p)  # [N, W]
     probs = sub.softmax(dim=-1)
-    min_p = torch.tensor([params[i].min_p for i in rows], device=logits.device)
     if bool((min_p > 0).any()):
         probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
-    for i, token in zip(rows, draw(probs, [generators[i] for i in rows]).tolist(), strict=True):
+    tokens = draw(probs, [generators[i] for i in rows])
+    if ids is not None:
+        tokens = ids.gather(1, tokens[:, None]).squeeze(1)
+    for i, token in zip(rows, tokens.tolist(), strict=True):
         out[i] = token
     return out
 
