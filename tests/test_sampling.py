@@ -49,9 +49,9 @@ def _kept_by_sorting(logits, top_k, top_p):
 @pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])  # flat rows (whole sort) to peaked ones (top 1024)
 def test_top_k_top_p_candidates_match_a_whole_sort(scale):
     g = torch.Generator().manual_seed(int(scale * 10))
-    logits = torch.randn(8, 20000, generator=g) * scale
-    top_k = torch.tensor([0, 5, 0, 3000, 0, 40, 0, 1])
-    top_p = torch.tensor([0.9, 1.0, 0.5, 0.99, 0.95, 0.8, 0.99, 0.7])
+    logits = torch.randn(9, 20000, generator=g) * scale
+    top_k = torch.tensor([0, 5, 0, 3000, 0, 40, 0, 1, 0])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.99, 0.95, 0.8, 0.99, 0.7, 1.0])  # the last row masks nothing
     vals, ids = _candidates(logits, top_k, top_p)
     kept = torch.zeros(logits.shape, dtype=torch.bool).scatter(-1, ids, vals > float("-inf"))
     assert torch.equal(kept, _kept_by_sorting(logits, top_k, top_p))

@@ -16,19 +16,23 @@ def _candidates(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
 
     logits: [N, V] already divided by temperature; top_k: [N] (0 = off); top_p: [N]. Each row's top
     CANDIDATES tokens (or its top_k) first; a row without top-k that keeps less than top_p of its mass
-    within them is sorted whole (then W = V). A token is kept while the mass before it is < top_p, the
-    mass over the row's top-k set."""
+    within them is sorted whole, and a row that masks nothing keeps every token (then W = V). A token is
+    kept while the mass before it is < top_p, the mass over the row's top-k set."""
     n, v = logits.shape
     k = torch.where(top_k > 0, top_k, v)  # [N]
     whole = logits.logsumexp(-1) if bool((k >= v).any()) else None  # [N], for the rows without top-k
     vals, ids, covered = _top(logits, k, top_p, min(v, max(CANDIDATES, int(top_k.max()))), whole)
-    if bool(covered.all()):
+    free = (k >= v) & (top_p >= 1)  # rows of a mixed batch that mask nothing: every token, unsorted
+    if bool((covered & ~free).all()):
         return vals, ids
-    rest = ~covered
     all_vals = torch.full((n, v), float("-inf"), device=logits.device)
     all_ids = torch.zeros((n, v), dtype=ids.dtype, device=logits.device)
-    all_vals[covered, : vals.shape[1]], all_ids[covered, : ids.shape[1]] = vals[covered], ids[covered]
-    all_vals[rest], all_ids[rest], _ = _top(logits[rest], k[rest], top_p[rest], v, whole[rest])
+    done = covered & ~free
+    all_vals[done, : vals.shape[1]], all_ids[done, : ids.shape[1]] = vals[done], ids[done]
+    all_vals[free], all_ids[free] = logits[free], torch.arange(v, device=logits.device)
+    rest = ~done & ~free
+    if bool(rest.any()):
+        all_vals[rest], all_ids[rest], _ = _top(logits[rest], k[rest], top_p[rest], v, whole[rest])
     return all_vals, all_ids
 
 
