@@ -118,14 +118,17 @@ def test_fetched_decode_keeps_the_plain_arithmetic(name, runs_share, default_loa
     plain = LLMEngine(EngineConfig(block_size=BLOCK, max_model_len=MAX_LEN), loaded=default_loaded)
     ref = [o.token_ids for o in LLM.from_engine(plain).generate(PROMPTS[:4], PARAMS, False)]
     cfg = EngineConfig(kv_policy=name, block_size=BLOCK, max_model_len=MAX_LEN, **CASES[name])
+    in_place = LLMEngine(cfg, loaded=default_loaded)
+    assert not in_place.cache.fetch_decode  # on the CPU every tier is attended in place
+    LLM.from_engine(in_place).generate(PROMPTS[:4], PARAMS, False)
     engine = LLMEngine(cfg, loaded=default_loaded, log_steps=True)
-    assert not engine.cache.fetch_decode  # on the CPU every tier is attended in place
     engine.cache.fetch_decode = True
     fetched, run_fetched = [], engine.cache._decode_fetched
     monkeypatch.setattr(engine.cache, "_decode_fetched", lambda *args: fetched.append(1) or run_fetched(*args))
     outs = [o.token_ids for o in LLM.from_engine(engine).generate(PROMPTS[:4], PARAMS, False)]
     assert outs == ref and fetched
     t = engine.kv_stats.totals
+    assert t.bytes_read == in_place.kv_stats.totals.bytes_read  # the same KV read from each tier
     assert t.bytes_read["host"] > 0 and (t.moves > 0) == (name == "dynamic")
 
 

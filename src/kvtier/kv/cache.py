@@ -117,15 +117,17 @@ class TieredKVCache:
         blocks, offsets, row_tails = self._token_blocks(decodes, prefills, tails)
         meta = AttentionMetadata(self._writes(blocks, offsets, row_tails), len(decodes), observe=observe)
         self.tokens_read, self.v_rows_read = {}, 0
-        if decodes:
+        if decodes and self.fetch_decode:
+            pl = self.placement
+            meta.fetch = plan_fetch(self._table(decodes), [c for _, c in decodes], pl.target_of, pl.slot_of,
+                                    self.storages, self.block_size, self.device)
+            for t, n in meta.fetch.tokens.items():
+                self._count(t, n)
+            meta.fetch.start(0, self.storages)  # layer 0's copies overlap the embedding
+        elif decodes:
             meta.decodes = self._decode_plans(decodes, tails[: len(decodes)])
             for d in meta.decodes:
                 self._count(d.target, int(d.plan.context_lens.sum()))
-            if self.fetch_decode:
-                pl = self.placement
-                meta.fetch = plan_fetch(self._table(decodes), [c for _, c in decodes], pl.target_of, pl.slot_of,
-                                        self.storages, self.block_size, self.device)
-                meta.fetch.start(0, self.storages)  # layer 0's copies overlap the embedding
         start = len(decodes)
         for (table, cached, n), tail in zip(prefills, tails[len(decodes):], strict=True):
             span_blocks = self._blocks_of(table, cached + n) if cached else []

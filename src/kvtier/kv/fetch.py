@@ -42,6 +42,7 @@ class DecodeFetch:
     new_entries: torch.Tensor  # [B] entry of the flat table holding each sequence's new token
     new_offsets: torch.Tensor  # [B] its position in that block
     parts: list[FetchPart]
+    tokens: dict[int, int]  # cached tokens attention reads, per target
     device: torch.device
     stream: torch.cuda.Stream | None = None  # the copy stream (None: copy in order)
     pending: dict = field(default_factory=dict)  # layer -> (k, v, event): off-device blocks already copied
@@ -111,11 +112,14 @@ def plan_fetch(table: np.ndarray, context_lens: list[int], target_of: np.ndarray
                                runs if len(runs) <= max(1, MAX_RUNS_SHARE * len(entries)) else None))
     ctx = np.asarray(context_lens, dtype=np.int64)
     new = np.arange(len(ctx)) * table.shape[1] + (ctx - 1) // block_size
+    per_entry = np.full(table.size, block_size, dtype=np.int64)
+    per_entry[new] = (ctx - 1) % block_size + 1  # each sequence's last block holds the rest
+    tokens = {p.target: int(per_entry[tgt == p.target].sum()) for p in parts}
     as_t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
     pos = torch.arange(table.shape[1] * block_size, device=device)
     invalid = (pos[None, :] >= as_t(ctx)[:, None])[:, None, None, :]
     stream = _copy_stream(device) if not all(p.local for p in parts) else None
-    return DecodeFetch(table, invalid, as_t(new), as_t((ctx - 1) % block_size), parts, device, stream)
+    return DecodeFetch(table, invalid, as_t(new), as_t((ctx - 1) % block_size), parts, tokens, device, stream)
 
 
 def _runs(entries: np.ndarray, slots: np.ndarray) -> Runs:
