@@ -50,6 +50,7 @@ class TargetDecode:
     plan: DecodePlan  # slot tables [B, W_t] and token counts [B] of the blocks in this target
     blocks: np.ndarray  # [B, W_t] logical ids of those blocks (-1: padding)
     tails: torch.Tensor  # [B] tail slot of each sequence
+    num_tokens: int  # cached tokens attention reads here (the plan's token counts, summed on the host)
     copies: dict = field(default_factory=dict)  # plan and tails on another device, made once a step
 
     def on(self, device: torch.device) -> tuple[DecodePlan, torch.Tensor]:
@@ -127,7 +128,7 @@ class TieredKVCache:
         elif decodes:
             meta.decodes = self._decode_plans(decodes, tails[: len(decodes)])
             for d in meta.decodes:
-                self._count(d.target, int(d.plan.context_lens.sum()))
+                self._count(d.target, d.num_tokens)
         start = len(decodes)
         for (table, cached, n), tail in zip(prefills, tails[len(decodes):], strict=True):
             span_blocks = self._blocks_of(table, cached + n) if cached else []
@@ -191,7 +192,7 @@ class TieredKVCache:
         ctx = np.asarray([c for _, c in decodes], dtype=np.int64)
         if len(pl.targets) == 1:  # one target (the plain cache): the tables themselves, in slots
             slots = np.where(valid, pl.slot_of[np.maximum(table, 0)], 0)
-            return [TargetDecode(0, DecodePlan(self._t(slots), self._t(ctx)), table, self._t(tails))]
+            return [TargetDecode(0, DecodePlan(self._t(slots), self._t(ctx)), table, self._t(tails), int(ctx.sum()))]
         tgt = np.where(valid, pl.target_of[np.maximum(table, 0)], -1)
         last_len = (ctx - 1) % bs + 1
         last_tgt = tgt[np.arange(len(decodes)), (ctx - 1) // bs]
@@ -204,7 +205,8 @@ class TieredKVCache:
             ids[np.arange(ids.shape[1])[None, :] >= count[:, None]] = -1
             slots = np.where(ids >= 0, pl.slot_of[np.maximum(ids, 0)], 0)
             tokens = count * bs - np.where(last_tgt == t, bs - last_len, 0)
-            plans.append(TargetDecode(int(t), DecodePlan(self._t(slots), self._t(tokens)), ids, self._t(tails)))
+            plans.append(TargetDecode(int(t), DecodePlan(self._t(slots), self._t(tokens)), ids, self._t(tails),
+                                      int(tokens.sum())))
         return plans
 
     def _blocks_of(self, table: list[int], tokens: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
