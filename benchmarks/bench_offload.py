@@ -99,9 +99,8 @@ def main() -> None:
     base = dict(model=a.model, load_format=a.load_format, dtype=a.dtype, block_size=bs, max_num_seqs=a.batch,
                 max_model_len=per_seq * bs)
     device = int(work * (1 - a.host_share)) + a.batch  # + the blocks new tokens open
-    tiers = {"plain": dict(num_kv_blocks=work + a.batch),
-             "static": dict(kv_tiers=f"device={device}blocks,host={work}blocks"),
-             "dynamic": dict(kv_tiers=f"device={device}blocks,host={work}blocks")}
+    tiered = dict(kv_tiers=f"device={device}blocks,host={work}blocks")
+    tiers = {"plain": dict(num_kv_blocks=work + a.batch), "static": tiered, "dynamic": tiered}
     loaded, plain_s = None, None
     print(f"{'policy':8} {'step ms':>8} {'x plain':>8} {'host MB/step':>12} {'host GB/s':>9} {'simulated ms':>12}")
     for name in a.policies.split(","):

@@ -18,6 +18,7 @@ from kvtier.entrypoints.compare import agreement
 from kvtier.entrypoints.llm import LLM
 from kvtier.errors import ConfigError
 from kvtier.sampling_params import SamplingParams
+from tests.test_policies import BLOCK, CASES, MAX_LEN
 
 pytestmark = pytest.mark.gpu
 
@@ -31,11 +32,11 @@ GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 @pytest.fixture(scope="module")
 def cuda_loaded():
     """The default model on the GPU in bfloat16 (the engine's CUDA default)."""
-    return LLM(model="default", device="cuda", num_kv_blocks=64, max_model_len=64).engine.loaded
+    return LLM(model="default", device="cuda", num_kv_blocks=64, max_model_len=MAX_LEN).engine.loaded
 
 
 def _generate(loaded, **cfg) -> tuple[LLMEngine, list[list[int]]]:
-    engine = LLMEngine(EngineConfig(device="cuda", block_size=8, max_model_len=64, **cfg), loaded=loaded)
+    engine = LLMEngine(EngineConfig(device="cuda", block_size=BLOCK, max_model_len=MAX_LEN, **cfg), loaded=loaded)
     outs = LLM.from_engine(engine).generate(PROMPTS, GREEDY, use_tqdm=False)
     return engine, [o.token_ids for o in outs]
 
@@ -58,21 +59,17 @@ def test_float32_matches_hf_on_the_gpu():
             assert out.token_ids == ref, f"diverged from HF on the GPU for {prompt!r}"
 
 
-LOSSLESS = {
-    "static": dict(kv_tiers="device=4blocks,host=64blocks"),
-    "swap": dict(kv_tiers="device=12blocks,host=64blocks"),
-    "dynamic": dict(kv_tiers="device=10blocks,host=64blocks"),
-}
+LOSSLESS = ("static", "swap", "dynamic")  # with the CPU matrix's budgets (tests/test_policies.py)
 
 
 @pytest.fixture(scope="module")
 def plain_on_gpu(cuda_loaded):
-    return _generate(cuda_loaded, num_kv_blocks=64)[1]
+    return _generate(cuda_loaded, **CASES["plain"])[1]
 
 
 @pytest.mark.parametrize("name", sorted(LOSSLESS))
 def test_lossless_policies_on_the_gpu(name, cuda_loaded, plain_on_gpu):
-    engine, outs = _generate(cuda_loaded, kv_policy=name, **LOSSLESS[name])
+    engine, outs = _generate(cuda_loaded, kv_policy=name, **CASES[name])
     agree, first = agreement(outs, plain_on_gpu)
     assert agree == 1.0 and first is None, f"{name} diverged from the plain engine at token {first}"
     assert engine.pool.num_free == engine.pool.num_blocks
