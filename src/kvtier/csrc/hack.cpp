@@ -85,11 +85,16 @@ using DotFn = void (*)(const uint8_t* m, int64_t rows, int64_t n, int bits, cons
 // float16 scale, float16 minimum and int16 sum of n groups -> float
 using MetaFn = void (*)(const c10::Half* scale, const c10::Half* mn, const int16_t* sum, int64_t n, float* fs, float* fm,
                         float* fsum);
-// one head's block: e = exp(sc - m_new) in place over n of the pi scores (the others are -inf), m and l updated,
-// returns the rescale of the old state. With `codes` (a full block), e is taken against the block's own max
-// instead, its 8-bit codes go to codes / qp, and qp's scale and minimum carry exp(block max - m_new): the codes
-// depend on the block alone, not on where a segment or a memory tier starts (placement stays lossless).
-using SoftmaxFn = float (*)(float* sc, int64_t n, int64_t pi, float& m, float& l, uint8_t* codes, QParams* qp);
+// the G heads of a block, sc[g][0..pi): e = exp(sc - m_new) in place over n of the pi scores (the others are
+// -inf), m[g] and l[g] updated, alpha[g] the rescale of the old state. With `codes` (a full block, n == pi), e is
+// taken against the head's own block max instead, its 8-bit codes go to codes[g * pi..] / qp[g] (sc is then not
+// written: only the codes are read), and qp's scale and minimum carry exp(block max - m_new): the codes depend on
+// the block alone, not on where a segment or a memory tier starts (placement stays lossless).
+// DotFn on the plain G x n a-codes, for the shapes it has; false where the caller must prepare and use DotFn
+using DotRawFn = bool (*)(const uint8_t* m, int64_t rows, int64_t n, int bits, const uint8_t* a, int64_t G,
+                          int32_t* out, int64_t out_stride);
+using SoftmaxFn = void (*)(float (*sc)[kMaxPi], int64_t G, int64_t n, int64_t pi, float* m, float* l,
+                          uint8_t* codes, QParams* qp, float* alpha);
 
 void prepare_generic(const uint8_t* a, int64_t G, int64_t n, int, void* prepared) {
   std::memcpy(prepared, a, G * n);
@@ -123,7 +128,7 @@ KV_CLONES void meta_generic(const c10::Half* scale, const c10::Half* mn, const i
   }
 }
 
-KV_CLONES float softmax_generic(float* sc, int64_t n, int64_t pi, float& m, float& l, uint8_t* codes, QParams* qp) {
+KV_CLONES float softmax_head(float* sc, int64_t n, int64_t pi, float& m, float& l, uint8_t* codes, QParams* qp) {
   float block_max = -std::numeric_limits<float>::infinity();
   for (int64_t t = 0; t < n; ++t) block_max = block_max > sc[t] ? block_max : sc[t];
   const float mx = std::max(m, block_max), ref = codes ? block_max : mx;
@@ -150,6 +155,11 @@ KV_CLONES float softmax_generic(float* sc, int64_t n, int64_t pi, float& m, floa
     *qp = {s * carry, lo * carry, csum};
   }
   return alpha;
+}
+
+void softmax_generic(float (*sc)[kMaxPi], int64_t G, int64_t n, int64_t pi, float* m, float* l, uint8_t* codes,
+                     QParams* qp, float* alpha) {
+  for (int64_t g = 0; g < G; ++g) alpha[g] = softmax_head(sc[g], n, pi, m[g], l[g], codes ? codes + g * pi : nullptr, qp + g);
 }
 
 #ifdef KV_X86
@@ -204,47 +214,73 @@ KV_AVX2 void dot_narrow_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, 
   }
 }
 
-// the same with G a-rows known at compile time: each unpacked pair vector, kept in a register, feeds
-// all G accumulators (one load of the codes per chunk instead of one per pair and a-row)
-template <int Bits, int N, int G>
-KV_AVX2 void dot_narrow_g_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, int32_t* out, int64_t out_stride) {
-  constexpr int c = 8 / Bits, half = N / 2, F = std::min(half, Bits == 2 ? 16 : 4);
+// pair j of a-row g as maddubs takes it: from the prepared vectors, or (Raw) broadcast from the G x N codes
+template <bool Raw, int N>
+KV_AVX2 inline __m256i pair_at(const void* a, int g, int j) {
+  if constexpr (Raw) {
+    int16_t pair;  // the byte pair as one little-endian int16: vpbroadcastw from memory
+    std::memcpy(&pair, static_cast<const uint8_t*>(a) + g * N + 2 * j, 2);
+    return _mm256_set1_epi16(pair);
+  } else {
+    return _mm256_load_si256(static_cast<const __m256i*>(a) + g * (N / 2) + j);
+  }
+}
+
+// the same with G a-rows known at compile time, RG groups of 16 rows per pass: each unpacked pair vector,
+// kept in a register, feeds all G accumulators, and each pair of a-codes, loaded once, feeds the RG groups;
+// int32 sums build up in out. Raw: a is the G x N codes themselves (P: no prepared copy to write per block)
+template <int Bits, int N, int G, int RG, bool Raw = false>
+KV_AVX2 void dot_narrow_g_avx2(const uint8_t* m, int64_t rows, const void* ab, int32_t* out, int64_t out_stride) {
+  constexpr int c = 8 / Bits, half = N / 2, chunks = N / (2 * c), F = std::min(half, Bits == 2 ? 16 : 4);
   const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << Bits) - 1));
-  for (int64_t rg = 0; rg < rows / 16; ++rg) {
-    __m256i lo[G], hi[G];
-    for (int g = 0; g < G; ++g) lo[g] = hi[g] = _mm256_setzero_si256();
+  int64_t rg = 0;
+  for (; rg + RG <= rows / 16; rg += RG) {
     for (int j0 = 0; j0 < half; j0 += F) {
-      __m256i acc[G];
-      for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_si256();
+      __m256i acc[RG][G];
+      for (int r = 0; r < RG; ++r)
+        for (int g = 0; g < G; ++g) acc[r][g] = _mm256_setzero_si256();
       for (int k = j0 / c; k < (j0 + F) / c; ++k) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + (rg * (N / (2 * c)) + k) * 32));
+        __m256i x[RG];
+        for (int r = 0; r < RG; ++r)
+          x[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + ((rg + r) * chunks + k) * 32));
         for (int s = 0; s < c; ++s) {
-          const __m256i u = _mm256_and_si256(_mm256_srli_epi16(x, s * Bits), mask);
-          for (int g = 0; g < G; ++g) acc[g] = _mm256_add_epi16(acc[g], _mm256_maddubs_epi16(ab[g * half + c * k + s], u));
+          __m256i u[RG];
+          for (int r = 0; r < RG; ++r) u[r] = _mm256_and_si256(_mm256_srli_epi16(x[r], s * Bits), mask);
+          for (int g = 0; g < G; ++g) {
+            const __m256i a = pair_at<Raw, N>(ab, g, c * k + s);
+            for (int r = 0; r < RG; ++r) acc[r][g] = _mm256_add_epi16(acc[r][g], _mm256_maddubs_epi16(a, u[r]));
+          }
         }
       }
-      for (int g = 0; g < G; ++g) {
-        lo[g] = _mm256_add_epi32(lo[g], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[g])));
-        hi[g] = _mm256_add_epi32(hi[g], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[g], 1)));
-      }
-    }
-    for (int g = 0; g < G; ++g) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * out_stride + rg * 16), lo[g]);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * out_stride + rg * 16 + 8), hi[g]);
+      for (int r = 0; r < RG; ++r)
+        for (int g = 0; g < G; ++g) {  // widen to int32: rows 0-7, 8-15
+          __m256i* o = reinterpret_cast<__m256i*>(out + g * out_stride + (rg + r) * 16);
+          __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[r][g]));
+          __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[r][g], 1));
+          if (j0 > 0) {
+            lo = _mm256_add_epi32(lo, _mm256_loadu_si256(o));
+            hi = _mm256_add_epi32(hi, _mm256_loadu_si256(o + 1));
+          }
+          _mm256_storeu_si256(o, lo);
+          _mm256_storeu_si256(o + 1, hi);
+        }
     }
   }
+  if constexpr (RG > 1)
+    if (rg < rows / 16)  // an odd group left
+      dot_narrow_g_avx2<Bits, N, G, 1, Raw>(m + rg * chunks * 32, rows - rg * 16, ab, out + rg * 16, out_stride);
 }
 
 template <int Bits, int N>
 KV_AVX2 void dot_narrow_any_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, int64_t G, int32_t* out,
                                  int64_t out_stride) {
   switch (G) {
-    case 1: return dot_narrow_g_avx2<Bits, N, 1>(m, rows, ab, out, out_stride);
-    case 2: return dot_narrow_g_avx2<Bits, N, 2>(m, rows, ab, out, out_stride);
-    case 3: return dot_narrow_g_avx2<Bits, N, 3>(m, rows, ab, out, out_stride);
-    case 4: return dot_narrow_g_avx2<Bits, N, 4>(m, rows, ab, out, out_stride);
-    case 6: return dot_narrow_g_avx2<Bits, N, 6>(m, rows, ab, out, out_stride);
-    case 8: return dot_narrow_g_avx2<Bits, N, 8>(m, rows, ab, out, out_stride);
+    case 1: return dot_narrow_g_avx2<Bits, N, 1, 2>(m, rows, ab, out, out_stride);
+    case 2: return dot_narrow_g_avx2<Bits, N, 2, 2>(m, rows, ab, out, out_stride);
+    case 3: return dot_narrow_g_avx2<Bits, N, 3, 2>(m, rows, ab, out, out_stride);
+    case 4: return dot_narrow_g_avx2<Bits, N, 4, 2>(m, rows, ab, out, out_stride);
+    case 6: return dot_narrow_g_avx2<Bits, N, 6, 1>(m, rows, ab, out, out_stride);
+    case 8: return dot_narrow_g_avx2<Bits, N, 8, 1>(m, rows, ab, out, out_stride);
     default: return dot_narrow_avx2<Bits, N>(m, rows, ab, G, out, out_stride);
   }
 }
@@ -294,6 +330,25 @@ KV_AVX2 void dot_avx2(const uint8_t* m, int64_t rows, int64_t n, int bits, const
   }
 }
 
+// the dot with a given as plain G x n codes (P, new every block), where a compiled shape exists: true if done
+template <int Bits, int N>
+KV_AVX2 bool dot_raw_n_avx2(const uint8_t* m, int64_t rows, const uint8_t* a, int64_t G, int32_t* out, int64_t out_stride) {
+  switch (G) {
+    case 1: dot_narrow_g_avx2<Bits, N, 1, 2, true>(m, rows, a, out, out_stride); return true;
+    case 2: dot_narrow_g_avx2<Bits, N, 2, 2, true>(m, rows, a, out, out_stride); return true;
+    case 3: dot_narrow_g_avx2<Bits, N, 3, 2, true>(m, rows, a, out, out_stride); return true;
+    case 4: dot_narrow_g_avx2<Bits, N, 4, 2, true>(m, rows, a, out, out_stride); return true;
+    default: return false;
+  }
+}
+
+KV_AVX2 bool dot_raw_avx2(const uint8_t* m, int64_t rows, int64_t n, int bits, const uint8_t* a, int64_t G,
+                          int32_t* out, int64_t out_stride) {
+  if (bits == 2 && n == 64) return dot_raw_n_avx2<2, 64>(m, rows, a, G, out, out_stride);
+  if (bits == 4 && n == 64) return dot_raw_n_avx2<4, 64>(m, rows, a, G, out, out_stride);
+  return false;
+}
+
 KV_AVX2 void meta_avx2(const c10::Half* scale, const c10::Half* mn, const int16_t* sum, int64_t n, float* fs, float* fm,
                        float* fsum) {
   int64_t i = 0;
@@ -325,59 +380,107 @@ KV_AVX2 inline float hadd8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 }
 
-KV_AVX2 float softmax_avx2(float* sc, int64_t n, int64_t pi, float& m, float& l, uint8_t* codes, QParams* qp) {
-  if (pi % 16) return softmax_generic(sc, n, pi, m, l, codes, qp);
+// exp8 for x <= 0 in intrinsics (the same operations, as the compiler contracts them): one vmaxps for the clamp
+// where exp8's portable min/max take a compare and a blend each, and its constants stay in registers
+KV_AVX2 inline __m256 exp_nonpos8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 shift = _mm256_set1_ps(12582912.0f);
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shift), shift);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f),
+                                    _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x));
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.0f / 720.0f), r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// a full block, up to 8 heads: P = exp(sc - block max) in [emin, 1], quantized as it is computed (only its sum
+// is kept in float). The per-head scalars (the old state's rescale, the carry to the running max, P's minimum)
+// are three exps across the heads, and the heads' passes are independent chains the core runs side by side.
+KV_AVX2 void softmax_codes8_avx2(float (*sc)[kMaxPi], int64_t G, int64_t pi, float* m, float* l, uint8_t* codes,
+                                 QParams* qp, float* alpha) {
+  alignas(32) float bmax[8] = {}, bmin[8] = {}, mold[8] = {};
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 vmx = _mm256_loadu_ps(sc[g]), vmn = vmx;
+    for (int64_t t = 8; t < pi; t += 8) {
+      const __m256 x = _mm256_loadu_ps(sc[g] + t);
+      vmx = _mm256_max_ps(vmx, x);
+      vmn = _mm256_min_ps(vmn, x);
+    }
+    bmax[g] = hmax8(vmx), bmin[g] = hmin8(vmn), mold[g] = m[g];
+  }
+  const __m256 vb = _mm256_load_ps(bmax), vold = _mm256_load_ps(mold);
+  const __m256 vnew = _mm256_max_ps(vold, vb);  // m_new (-inf old state: the block's max)
+  alignas(32) float ea[8], ec[8], emin[8], sc_p[8], inv_p[8];
+  _mm256_store_ps(ea, kvtier::exp8(_mm256_sub_ps(vold, vnew)));  // exp(-inf) clamps like fast_exp: l, acc are 0
+  _mm256_store_ps(ec, kvtier::exp8(_mm256_sub_ps(vb, vnew)));
+  const __m256 vemin = kvtier::exp8(_mm256_sub_ps(_mm256_load_ps(bmin), vb));
+  const __m256 vs = _mm256_div_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), vemin), _mm256_set1_ps(255.f));  // exp(0) = 1
+  const __m256 vinv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.f), vs), _mm256_cmp_ps(vs, _mm256_setzero_ps(), _CMP_GT_OQ));
+  _mm256_store_ps(emin, vemin);
+  _mm256_store_ps(sc_p, vs);
+  _mm256_store_ps(inv_p, vinv);
+  _mm256_store_ps(mold, vnew);
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 vm = _mm256_set1_ps(bmax[g]), vlo = _mm256_set1_ps(emin[g]), vi = _mm256_set1_ps(inv_p[g]);
+    __m256 sum = _mm256_setzero_ps();
+    __m256i csum = _mm256_setzero_si256();
+    for (int64_t t = 0; t < pi; t += 16) {  // pi % 16 == 0
+      const __m256 e0 = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(sc[g] + t), vm));
+      const __m256 e1 = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(sc[g] + t + 8), vm));
+      sum = _mm256_add_ps(sum, _mm256_add_ps(e0, e1));
+      const __m256i c0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(e0, vlo), vi));  // round half to even
+      const __m256i c1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(e1, vlo), vi));
+      csum = _mm256_add_epi32(csum, _mm256_add_epi32(c0, c1));
+      const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(c0, c1), 0xd8);  // 16 x int16 in order
+      const __m128i b = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + g * pi + t), b);
+    }
+    l[g] = l[g] * ea[g] + ec[g] * hadd8(sum);
+    m[g] = mold[g];
+    alpha[g] = ea[g];
+    __m128i c = _mm_add_epi32(_mm256_castsi256_si128(csum), _mm256_extracti128_si256(csum, 1));
+    c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0x4e));
+    c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0xb1));
+    qp[g] = {sc_p[g] * ec[g], emin[g] * ec[g], _mm_cvtsi128_si32(c)};
+  }
+}
+
+// the open block of one head (no codes): e = exp(sc - m_new) in place, exp(-inf) = 0 past n
+KV_AVX2 float softmax_open_avx2(float* sc, int64_t pi, float& m, float& l) {
   __m256 vmx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 vmn = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-  for (int64_t t = 0; t < pi; t += 8) {  // scores past n are -inf
-    const __m256 x = _mm256_loadu_ps(sc + t);
-    vmx = _mm256_max_ps(vmx, x);
-    vmn = _mm256_min_ps(vmn, x);
-  }
-  const float block_max = hmax8(vmx), mx = std::max(m, block_max);
-  const float alpha = fast_exp(m - mx), carry = codes ? fast_exp(block_max - mx) : 1.f;
-  const __m256 vm = _mm256_set1_ps(codes ? block_max : mx);  // a full block's codes: against its own max
+  for (int64_t t = 0; t < pi; t += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(sc + t));  // scores past n are -inf
+  const float mx = std::max(m, hmax8(vmx));
+  const float alpha = fast_exp(m - mx);
+  const __m256 vm = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 sum = _mm256_setzero_ps();
-  if (n == pi) {
-    for (int64_t t = 0; t < pi; t += 8) {
-      const __m256 e = kvtier::exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + t), vm));
-      _mm256_storeu_ps(sc + t, e);
-      sum = _mm256_add_ps(sum, e);
-    }
-  } else {  // the open block: exp(-inf) must be 0, not fast_exp's floor
-    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t t = 0; t < pi; t += 8) {
-      const __m256 x = _mm256_loadu_ps(sc + t);
-      const __m256 e = _mm256_and_ps(kvtier::exp8(_mm256_sub_ps(x, vm)), _mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ));
-      _mm256_storeu_ps(sc + t, e);
-      sum = _mm256_add_ps(sum, e);
-    }
+  for (int64_t t = 0; t < pi; t += 8) {
+    const __m256 x = _mm256_loadu_ps(sc + t);
+    const __m256 e = _mm256_and_ps(kvtier::exp8(_mm256_sub_ps(x, vm)), _mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ));
+    _mm256_storeu_ps(sc + t, e);
+    sum = _mm256_add_ps(sum, e);
   }
-  l = l * alpha + carry * hadd8(sum);
+  l = l * alpha + hadd8(sum);
   m = mx;
-  if (!codes) return alpha;
-  // exp is monotonic: P's range from the scores' (codes clamp to [0, 255] should rounding disagree)
-  const __m256 ends = kvtier::exp8(_mm256_sub_ps(_mm256_setr_ps(hmin8(vmn), block_max, 0, 0, 0, 0, 0, 0), vm));
-  alignas(32) float e2[8];
-  _mm256_store_ps(e2, ends);
-  const float emin = e2[0], s = (e2[1] - emin) / 255.f, inv = s > 0.f ? 1.f / s : 0.f;
-  const __m256 vlo = _mm256_set1_ps(emin), vinv = _mm256_set1_ps(inv);
-  __m256i csum = _mm256_setzero_si256();
-  for (int64_t t = 0; t < pi; t += 16) {  // pi % 16 == 0 for pi >= 16
-    const __m256 y0 = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + t), vlo), vinv);
-    const __m256 y1 = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + t + 8), vlo), vinv);
-    const __m256i c0 = _mm256_cvtps_epi32(y0), c1 = _mm256_cvtps_epi32(y1);  // round half to even
-    csum = _mm256_add_epi32(csum, _mm256_add_epi32(c0, c1));
-    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(c0, c1), 0xd8);  // 16 x int16 in order
-    const __m128i b = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + t), b);
-  }
-  __m128i c = _mm_add_epi32(_mm256_castsi256_si128(csum), _mm256_extracti128_si256(csum, 1));
-  c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0x4e));
-  c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0xb1));
-  *qp = {s * carry, emin * carry, _mm_cvtsi128_si32(c)};
   return alpha;
 }
+
+KV_AVX2 void softmax_avx2(float (*sc)[kMaxPi], int64_t G, int64_t n, int64_t pi, float* m, float* l, uint8_t* codes,
+                          QParams* qp, float* alpha) {
+  if (pi % 16) return softmax_generic(sc, G, n, pi, m, l, codes, qp, alpha);
+  if (!codes) {
+    for (int64_t g = 0; g < G; ++g) alpha[g] = softmax_open_avx2(sc[g], pi, m[g], l[g]);
+    return;
+  }
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(n == pi);
+  for (int64_t g0 = 0; g0 < G; g0 += 8)
+    softmax_codes8_avx2(sc + g0, std::min<int64_t>(8, G - g0), pi, m + g0, l + g0, codes + g0 * pi, qp + g0, alpha + g0);
+}
+
 #endif  // KV_X86
 
 struct Isa {
@@ -386,11 +489,14 @@ struct Isa {
   DotFn dot;
   MetaFn meta;
   SoftmaxFn softmax;
+  DotRawFn dot_raw;
 };
 
-const Isa kGeneric{"generic", prepare_generic, dot_generic, meta_generic, softmax_generic};
+bool dot_raw_none(const uint8_t*, int64_t, int64_t, int, const uint8_t*, int64_t, int32_t*, int64_t) { return false; }
+
+const Isa kGeneric{"generic", prepare_generic, dot_generic, meta_generic, softmax_generic, dot_raw_none};
 #ifdef KV_X86
-const Isa kAvx2{"avx2", prepare_avx2, dot_avx2, meta_avx2, softmax_avx2};
+const Isa kAvx2{"avx2", prepare_avx2, dot_avx2, meta_avx2, softmax_avx2, dot_raw_avx2};
 #endif
 
 Isa pick_isa(const std::string& name) {
@@ -493,8 +599,11 @@ void block_scores(const DecodeArgs& a, Scratch& w, int64_t b, int64_t h, int64_t
 // P.V of a full block from codes: w.pc holds P's 8-bit codes per head, w.pq their parameters
 void block_pv_codes(const DecodeArgs& a, Scratch& w, int64_t h, int64_t blk) {
   const int64_t G = a.G, D = a.D, pi = a.pi, bh = blk * a.Hkv + h;
-  g_isa.prepare(w.pc, G, pi, static_cast<int>(a.bits), w.pprep);
-  g_isa.dot(a.c.v_codes(bh), D, pi, static_cast<int>(a.bits), w.pprep, G, w.dot, D);
+  const int bits = static_cast<int>(a.bits);
+  if (!g_isa.dot_raw(a.c.v_codes(bh), D, pi, bits, w.pc, G, w.dot, D)) {
+    g_isa.prepare(w.pc, G, pi, bits, w.pprep);
+    g_isa.dot(a.c.v_codes(bh), D, pi, bits, w.pprep, G, w.dot, D);
+  }
   g_isa.meta(a.c.v_scale(bh), a.c.v_min(bh), a.c.v_sum(bh), D, w.f0, w.f1, w.f2);
   for (int64_t g = 0; g < G; ++g)
     v_epilogue(w.acc[g], w.dot + g * D, w.f0, w.f1, w.f2, w.pq[g].scale, w.pq[g].minimum,
@@ -534,10 +643,9 @@ void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
     if (j + kAhead < j1) prefetch_block(a, h, a.tables[b * a.W + j + kAhead], j + kAhead < nfull);
     block_scores(a, w, b, h, blk, n);
     const bool full = j < nfull;
-    for (int64_t g = 0; g < G; ++g) {
-      const float alpha = g_isa.softmax(w.sc[g], n, pi, w.m[g], w.l[g], full ? w.pc + g * pi : nullptr, &w.pq[g]);
-      scale_row(w.acc[g], alpha, D);
-    }
+    float alpha[kMaxG];
+    g_isa.softmax(w.sc, G, n, pi, w.m, w.l, full ? w.pc : nullptr, w.pq, alpha);
+    for (int64_t g = 0; g < G; ++g) scale_row(w.acc[g], alpha[g], D);
     if (full) {
       block_pv_codes(a, w, h, blk);
     } else {  // the open block: V from the sequence's 16-bit tail
