@@ -82,6 +82,9 @@ using PrepareFn = void (*)(const uint8_t* a, int64_t G, int64_t n, int bits, voi
 // out[g * out_stride + r] = sum_j a[g][j] * code(r, j) over the rows x n matrix m (pair-vertical, rows % 16 == 0)
 using DotFn = void (*)(const uint8_t* m, int64_t rows, int64_t n, int bits, const void* prepared, int64_t G,
                        int32_t* out, int64_t out_stride);
+// DotFn on the plain G x n a-codes, for the shapes it has; false where the caller must prepare and use DotFn
+using DotRawFn = bool (*)(const uint8_t* m, int64_t rows, int64_t n, int bits, const uint8_t* a, int64_t G,
+                          int32_t* out, int64_t out_stride);
 // float16 scale, float16 minimum and int16 sum of n groups -> float
 using MetaFn = void (*)(const c10::Half* scale, const c10::Half* mn, const int16_t* sum, int64_t n, float* fs, float* fm,
                         float* fsum);
@@ -90,9 +93,6 @@ using MetaFn = void (*)(const c10::Half* scale, const c10::Half* mn, const int16
 // taken against the head's own block max instead, its 8-bit codes go to codes[g * pi..] / qp[g] (sc is then not
 // written: only the codes are read), and qp's scale and minimum carry exp(block max - m_new): the codes depend on
 // the block alone, not on where a segment or a memory tier starts (placement stays lossless).
-// DotFn on the plain G x n a-codes, for the shapes it has; false where the caller must prepare and use DotFn
-using DotRawFn = bool (*)(const uint8_t* m, int64_t rows, int64_t n, int bits, const uint8_t* a, int64_t G,
-                          int32_t* out, int64_t out_stride);
 using SoftmaxFn = void (*)(float (*sc)[kMaxPi], int64_t G, int64_t n, int64_t pi, float* m, float* l,
                           uint8_t* codes, QParams* qp, float* alpha);
 
