@@ -415,7 +415,7 @@ KV_AVX2 void softmax_codes8_avx2(float (*sc)[kMaxPi], int64_t G, int64_t pi, flo
   }
   const __m256 vb = _mm256_load_ps(bmax), vold = _mm256_load_ps(mold);
   const __m256 vnew = _mm256_max_ps(vold, vb);  // m_new (-inf old state: the block's max)
-  alignas(32) float ea[8], ec[8], emin[8], sc_p[8], inv_p[8];
+  alignas(32) float ea[8], ec[8], emin[8], sc_p[8], inv_p[8], mnew[8];
   _mm256_store_ps(ea, kvtier::exp8(_mm256_sub_ps(vold, vnew)));  // exp(-inf) clamps like fast_exp: l, acc are 0
   _mm256_store_ps(ec, kvtier::exp8(_mm256_sub_ps(vb, vnew)));
   const __m256 vemin = kvtier::exp8(_mm256_sub_ps(_mm256_load_ps(bmin), vb));
@@ -424,7 +424,7 @@ KV_AVX2 void softmax_codes8_avx2(float (*sc)[kMaxPi], int64_t G, int64_t pi, flo
   _mm256_store_ps(emin, vemin);
   _mm256_store_ps(sc_p, vs);
   _mm256_store_ps(inv_p, vinv);
-  _mm256_store_ps(mold, vnew);
+  _mm256_store_ps(mnew, vnew);
   for (int64_t g = 0; g < G; ++g) {
     const __m256 vm = _mm256_set1_ps(bmax[g]), vlo = _mm256_set1_ps(emin[g]), vi = _mm256_set1_ps(inv_p[g]);
     __m256 sum = _mm256_setzero_ps();
@@ -441,7 +441,7 @@ KV_AVX2 void softmax_codes8_avx2(float (*sc)[kMaxPi], int64_t G, int64_t pi, flo
       _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + g * pi + t), b);
     }
     l[g] = l[g] * ea[g] + ec[g] * hadd8(sum);
-    m[g] = mold[g];
+    m[g] = mnew[g];
     alpha[g] = ea[g];
     __m128i c = _mm_add_epi32(_mm256_castsi256_si128(csum), _mm256_extracti128_si256(csum, 1));
     c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0x4e));
