@@ -6,10 +6,11 @@
 // online softmax; per block of pi tokens Q.K^T and P.V are integer dot products of 8-bit Q / P codes
 // with the unpacked K / V codes, finished by the four-term formula; segments merge by log-sum-exp.
 //
-// Instruction sets: the integer dot products (codes unpacked in registers, maddubs), the float16 meta
-// conversions and the per-block softmax with P's quantization have an AVX2 version, chosen at run time
-// when the CPU has AVX2+FMA+F16C (set_isa forces one, for tests), and a portable one; the remaining float
-// loops use KV_CLONES. AVX-512 machines run the AVX2 version. No dequantized K or V is ever formed.
+// Instruction sets: the integer dot products (codes unpacked in registers, maddubs), the four-term epilogues
+// (float16 meta converted on the fly, once for a head group) and the per-block softmax with P's quantization
+// have an AVX2 version, chosen at run time when the CPU has AVX2+FMA+F16C (set_isa forces one, for tests), and a
+// portable one; the remaining float loops use KV_CLONES. AVX-512 machines run the AVX2 version. No dequantized
+// K or V is ever formed.
 
 #include "common.h"
 #include "vec.h"
@@ -85,13 +86,21 @@ using DotFn = void (*)(const uint8_t* m, int64_t rows, int64_t n, int bits, cons
 // DotFn on the plain G x n a-codes, for the shapes it has; false where the caller must prepare and use DotFn
 using DotRawFn = bool (*)(const uint8_t* m, int64_t rows, int64_t n, int bits, const uint8_t* a, int64_t G,
                           int32_t* out, int64_t out_stride);
-// float16 scale, float16 minimum and int16 sum of n groups -> float
-using MetaFn = void (*)(const c10::Half* scale, const c10::Half* mn, const int16_t* sum, int64_t n, float* fs, float* fm,
-                        float* fsum);
+// one K partition's share of the G heads' scores, its float16 meta converted on the fly:
+// sc[g][t] (+)= ks[t] * (A[g] * dot[g * pi + t] + Bq[g] * ksum[t]) + km[t] * C[g]
+using KEpilogueFn = void (*)(float (*sc)[kMaxPi], const int32_t* dot, const c10::Half* ks, const c10::Half* km,
+                             const int16_t* ksum, const float* A, const float* Bq, const float* C, int64_t G,
+                             int64_t pi, bool first);
+// a full block's P.V into the G heads' accumulators, rescaled by alpha (the softmax's) on the way:
+// acc[g][d] = alpha[g] acc[g][d] + sP (vs[d] dv[g * D + d] + vm[d] psum) + mP (vs[d] vsum[d] + pi vm[d]),
+// sP, mP, psum: P's scale, minimum and code sum for head g (pq[g])
+using VEpilogueFn = void (*)(float (*acc)[kMaxD], const int32_t* dv, const c10::Half* vs, const c10::Half* vm,
+                             const int16_t* vsum, const float* alpha, const QParams* pq, int64_t G, int64_t D,
+                             float pi);
 // the G heads of a block, sc[g][0..pi): e = exp(sc - m_new) in place over n of the pi scores (the others are
 // -inf), m[g] and l[g] updated, alpha[g] the rescale of the old state. With `codes` (a full block, n == pi), e is
-// taken against the head's own block max instead, its 8-bit codes go to codes[g * pi..] / qp[g] (sc is then not
-// written: only the codes are read), and qp's scale and minimum carry exp(block max - m_new): the codes depend on
+// taken against the head's own block max instead, its 8-bit codes go to codes[g * pi..] / qp[g] (sc is then
+// scratch: only the codes are read), and qp's scale and minimum carry exp(block max - m_new): the codes depend on
 // the block alone, not on where a segment or a memory tier starts (placement stays lossless).
 using SoftmaxFn = void (*)(float (*sc)[kMaxPi], int64_t G, int64_t n, int64_t pi, float* m, float* l,
                           uint8_t* codes, QParams* qp, float* alpha);
@@ -119,6 +128,7 @@ KV_CLONES void dot_generic(const uint8_t* m, int64_t rows, int64_t n, int bits, 
   }
 }
 
+// float16 scale, float16 minimum and int16 sum of n groups -> float
 KV_CLONES void meta_generic(const c10::Half* scale, const c10::Half* mn, const int16_t* sum, int64_t n, float* fs,
                            float* fm, float* fsum) {
   for (int64_t i = 0; i < n; ++i) {
@@ -162,6 +172,31 @@ void softmax_generic(float (*sc)[kMaxPi], int64_t G, int64_t n, int64_t pi, floa
   for (int64_t g = 0; g < G; ++g) alpha[g] = softmax_head(sc[g], n, pi, m[g], l[g], codes ? codes + g * pi : nullptr, qp + g);
 }
 
+KV_CLONES void k_epilogue_generic(float (*sc)[kMaxPi], const int32_t* dot, const c10::Half* ks, const c10::Half* km,
+                                  const int16_t* ksum, const float* A, const float* Bq, const float* C, int64_t G,
+                                  int64_t pi, bool first) {
+  float fs[kMaxPi], fm[kMaxPi], fsum[kMaxPi];
+  meta_generic(ks, km, ksum, pi, fs, fm, fsum);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t t = 0; t < pi; ++t) {
+      const float v = fs[t] * (A[g] * static_cast<float>(dot[g * pi + t]) + Bq[g] * fsum[t]) + fm[t] * C[g];
+      sc[g][t] = first ? v : sc[g][t] + v;
+    }
+}
+
+KV_CLONES void v_epilogue_generic(float (*acc)[kMaxD], const int32_t* dv, const c10::Half* vs, const c10::Half* vm,
+                                  const int16_t* vsum, const float* alpha, const QParams* pq, int64_t G, int64_t D,
+                                  float pi) {
+  float fs[kMaxD], fm[kMaxD], fsum[kMaxD];
+  meta_generic(vs, vm, vsum, D, fs, fm, fsum);
+  for (int64_t g = 0; g < G; ++g) {
+    const float sP = pq[g].scale, mP = pq[g].minimum, psum = static_cast<float>(pq[g].sum);
+    for (int64_t d = 0; d < D; ++d)
+      acc[g][d] = acc[g][d] * alpha[g] + sP * (fs[d] * static_cast<float>(dv[g * D + d]) + fm[d] * psum) +
+                  mP * (fs[d] * fsum[d] + pi * fm[d]);
+  }
+}
+
 #ifdef KV_X86
 #define KV_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -180,13 +215,23 @@ KV_AVX2 void prepare_avx2(const uint8_t* a, int64_t G, int64_t n, int bits, void
   }
 }
 
+// pairs whose maddubs products one 16-bit lane sums before widening: every product is a code (<= 255) times a
+// code (< 2^Bits), so a sum of F pairs is at most 2 * 255 * (2^Bits - 1) * F < 2^16, exact as an unsigned 16-bit
+// lane (vpaddw wraps past 2^15, widening zero-extends); F divides half
+template <int Bits, int Half>
+constexpr int pairs_per_sum() {
+  constexpr int F = std::min(Half, Bits == 2 ? 32 : 8);
+  static_assert(2 * 255 * ((1 << Bits) - 1) * F < (1 << 16) && Half % F == 0);
+  return F;
+}
+
 // 2/4-bit, n = N: per group of 16 rows the N/2 pair vectors are unpacked once (a shift and a mask), then
-// per a-row one maddubs per pair (16 rows x 2 positions), summed in int16 and widened every F pairs
+// per a-row one maddubs per pair (16 rows x 2 positions), summed in 16 bits and widened every F pairs
 template <int Bits, int N>
 KV_AVX2 void dot_narrow_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, int64_t G, int32_t* out,
                              int64_t out_stride) {
   constexpr int c = 8 / Bits, chunks = N / (2 * c), half = N / 2;
-  constexpr int F = std::min(half, Bits == 2 ? 16 : 4);  // 2 * 255 * (2^Bits - 1) * F < 2^15; divides half
+  constexpr int F = pairs_per_sum<Bits, half>();
   const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << Bits) - 1));
   for (int64_t rg = 0; rg < rows / 16; ++rg) {
     __m256i u[half];
@@ -204,8 +249,8 @@ KV_AVX2 void dot_narrow_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, 
           acc1 = _mm256_add_epi16(acc1, _mm256_maddubs_epi16(abg[j0 + j + 1], u[j0 + j + 1]));
         }
         const __m256i acc = _mm256_add_epi16(acc0, acc1);
-        lo = _mm256_add_epi32(lo, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc)));
-        hi = _mm256_add_epi32(hi, _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc, 1)));
+        lo = _mm256_add_epi32(lo, _mm256_cvtepu16_epi32(_mm256_castsi256_si128(acc)));
+        hi = _mm256_add_epi32(hi, _mm256_cvtepu16_epi32(_mm256_extracti128_si256(acc, 1)));
       }
       int32_t* o = out + g * out_stride + rg * 16;
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), lo);
@@ -214,24 +259,34 @@ KV_AVX2 void dot_narrow_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, 
   }
 }
 
-// pair j of a-row g as maddubs takes it: from the prepared vectors, or (Raw) broadcast from the G x N codes
+// pair j of a-row g as maddubs takes it: from the prepared vectors, or (Raw) broadcast from the pairs doubled
 template <bool Raw, int N>
 KV_AVX2 inline __m256i pair_at(const void* a, int g, int j) {
   if constexpr (Raw) {
-    int16_t pair;  // the byte pair as one little-endian int16: vpbroadcastw from memory
-    std::memcpy(&pair, static_cast<const uint8_t*>(a) + g * N + 2 * j, 2);
-    return _mm256_set1_epi16(pair);
+    int32_t pair2;  // (a[2j], a[2j+1]) twice: vpbroadcastd from memory, a plain load
+    std::memcpy(&pair2, static_cast<const uint8_t*>(a) + (g * (N / 2) + j) * 4, 4);
+    return _mm256_set1_epi32(pair2);
   } else {
     return _mm256_load_si256(static_cast<const __m256i*>(a) + g * (N / 2) + j);
   }
 }
 
+// n 8-bit codes -> their byte pairs, each twice (4 bytes per pair: what pair_at<true> broadcasts); n % 16 == 0
+KV_AVX2 inline void double_pairs(const uint8_t* a, int64_t n, uint8_t* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i), _mm_unpacklo_epi16(b, b));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i + 16), _mm_unpackhi_epi16(b, b));
+  }
+}
+
 // the same with G a-rows known at compile time, RG groups of 16 rows per pass: each unpacked pair vector,
 // kept in a register, feeds all G accumulators, and each pair of a-codes, loaded once, feeds the RG groups;
-// int32 sums build up in out. Raw: a is the G x N codes themselves (P: no prepared copy to write per block)
+// int32 sums build up in out. Raw: a is the G x N codes' pairs, each twice (double_pairs: 4 bytes a pair where
+// prepare writes 32, for P, new every block)
 template <int Bits, int N, int G, int RG, bool Raw = false>
 KV_AVX2 void dot_narrow_g_avx2(const uint8_t* m, int64_t rows, const void* ab, int32_t* out, int64_t out_stride) {
-  constexpr int c = 8 / Bits, half = N / 2, chunks = N / (2 * c), F = std::min(half, Bits == 2 ? 16 : 4);
+  constexpr int c = 8 / Bits, half = N / 2, chunks = N / (2 * c), F = pairs_per_sum<Bits, half>();
   const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << Bits) - 1));
   int64_t rg = 0;
   for (; rg + RG <= rows / 16; rg += RG) {
@@ -248,15 +303,18 @@ KV_AVX2 void dot_narrow_g_avx2(const uint8_t* m, int64_t rows, const void* ab, i
           for (int r = 0; r < RG; ++r) u[r] = _mm256_and_si256(_mm256_srli_epi16(x[r], s * Bits), mask);
           for (int g = 0; g < G; ++g) {
             const __m256i a = pair_at<Raw, N>(ab, g, c * k + s);
-            for (int r = 0; r < RG; ++r) acc[r][g] = _mm256_add_epi16(acc[r][g], _mm256_maddubs_epi16(a, u[r]));
+            for (int r = 0; r < RG; ++r) {
+              acc[r][g] = _mm256_add_epi16(acc[r][g], _mm256_maddubs_epi16(a, u[r]));
+              asm("" : "+x"(acc[r][g]));  // keep each sum a chain in its register: no reassociated tree, no spills
+            }
           }
         }
       }
       for (int r = 0; r < RG; ++r)
         for (int g = 0; g < G; ++g) {  // widen to int32: rows 0-7, 8-15
           __m256i* o = reinterpret_cast<__m256i*>(out + g * out_stride + (rg + r) * 16);
-          __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[r][g]));
-          __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[r][g], 1));
+          __m256i lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(acc[r][g]));
+          __m256i hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(acc[r][g], 1));
           if (j0 > 0) {
             lo = _mm256_add_epi32(lo, _mm256_loadu_si256(o));
             hi = _mm256_add_epi32(hi, _mm256_loadu_si256(o + 1));
@@ -332,7 +390,11 @@ KV_AVX2 void dot_avx2(const uint8_t* m, int64_t rows, int64_t n, int bits, const
 
 // the dot with a given as plain G x n codes (P, new every block), where a compiled shape exists: true if done
 template <int Bits, int N>
-KV_AVX2 bool dot_raw_n_avx2(const uint8_t* m, int64_t rows, const uint8_t* a, int64_t G, int32_t* out, int64_t out_stride) {
+KV_AVX2 bool dot_raw_n_avx2(const uint8_t* m, int64_t rows, const uint8_t* codes, int64_t G, int32_t* out,
+                            int64_t out_stride) {
+  if (G > 4) return false;
+  alignas(32) uint8_t a[4 * N * 2];
+  double_pairs(codes, G * N, a);
   switch (G) {
     case 1: dot_narrow_g_avx2<Bits, N, 1, 2, true>(m, rows, a, out, out_stride); return true;
     case 2: dot_narrow_g_avx2<Bits, N, 2, 2, true>(m, rows, a, out, out_stride); return true;
@@ -348,19 +410,6 @@ KV_AVX2 bool dot_raw_avx2(const uint8_t* m, int64_t rows, int64_t n, int bits, c
   if (bits == 4 && n == 64) return dot_raw_n_avx2<4, 64>(m, rows, a, G, out, out_stride);
   return false;
 }
-
-KV_AVX2 void meta_avx2(const c10::Half* scale, const c10::Half* mn, const int16_t* sum, int64_t n, float* fs, float* fm,
-                       float* fsum) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(fs + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + i))));
-    _mm256_storeu_ps(fm + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + i))));
-    const __m256i s32 = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sum + i)));
-    _mm256_storeu_ps(fsum + i, _mm256_cvtepi32_ps(s32));
-  }
-  for (; i < n; ++i) fs[i] = static_cast<float>(scale[i]), fm[i] = static_cast<float>(mn[i]), fsum[i] = sum[i];
-}
-
 
 KV_AVX2 inline float hmax8(__m256 v) {
   __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -380,59 +429,64 @@ KV_AVX2 inline float hadd8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 }
 
-// exp8 for x <= 0 in intrinsics (the same operations, as the compiler contracts them): one vmaxps for the clamp
-// where exp8's portable min/max take a compare and a blend each, and its constants stay in registers
+// exp(x) for x <= 0 within 5e-7 relative (x < -87 gives exp(-87)), for P: its 8-bit codes and its float sum need
+// no more. Short dependency chains, so the core keeps many in flight: the exponent is read from the rounding's
+// bits, one ln 2 constant, a degree-5 minimax polynomial in Estrin form. exp(0) is exactly 1 (P's maximum).
 KV_AVX2 inline __m256 exp_nonpos8(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 shift = _mm256_set1_ps(12582912.0f);
-  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shift), shift);
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f),
-                                    _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x));
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.0f / 720.0f), r, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  const __m256 shift = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23: t's low bits hold n = round(x log2 e)
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shift);
+  const __m256 r = _mm256_fnmadd_ps(_mm256_sub_ps(t, shift), _mm256_set1_ps(0.693147180559945f), x);
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  const __m256 p01 = _mm256_fmadd_ps(r, _mm256_set1_ps(0.99999983f), _mm256_set1_ps(1.f));
+  const __m256 p23 = _mm256_fmadd_ps(r, _mm256_set1_ps(0.1666728f), _mm256_set1_ps(0.49999096f));
+  const __m256 p45 = _mm256_fmadd_ps(r, _mm256_set1_ps(0.00831374f), _mm256_set1_ps(0.04190408f));
+  const __m256 p = _mm256_fmadd_ps(r2, _mm256_fmadd_ps(r2, p45, p23), p01);
+  const __m256i n127 = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000 - 127));  // n + 127 >= 1
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(n127, 23)));
 }
 
-// a full block, up to 8 heads: P = exp(sc - block max) in [emin, 1], quantized as it is computed (only its sum
-// is kept in float). The per-head scalars (the old state's rescale, the carry to the running max, P's minimum)
-// are three exps across the heads, and the heads' passes are independent chains the core runs side by side.
+// a full block, up to 8 heads: P = exp(sc - block max) in [emin, 1], then its 8-bit codes. Three passes, so
+// the exps wait only for the block max: (1) the max per head; (2) e = exp(sc - max) in place, its sum and its
+// minimum; (3) the codes of e against [emin, 1]. The per-head scalars (the old state's rescale, the carry to the
+// running max) are two exps across the heads, off the passes' path; the heads' passes are independent chains.
 KV_AVX2 void softmax_codes8_avx2(float (*sc)[kMaxPi], int64_t G, int64_t pi, float* m, float* l, uint8_t* codes,
                                  QParams* qp, float* alpha) {
-  alignas(32) float bmax[8] = {}, bmin[8] = {}, mold[8] = {};
+  alignas(32) float bmax[8] = {}, mold[8] = {}, emin[8] = {}, esum[8] = {};
   for (int64_t g = 0; g < G; ++g) {
-    __m256 vmx = _mm256_loadu_ps(sc[g]), vmn = vmx;
-    for (int64_t t = 8; t < pi; t += 8) {
-      const __m256 x = _mm256_loadu_ps(sc[g] + t);
-      vmx = _mm256_max_ps(vmx, x);
-      vmn = _mm256_min_ps(vmn, x);
+    __m256 vmx = _mm256_loadu_ps(sc[g]);
+    for (int64_t t = 8; t < pi; t += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(sc[g] + t));
+    bmax[g] = hmax8(vmx), mold[g] = m[g];
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 vm = _mm256_set1_ps(bmax[g]);
+    __m256 sum = _mm256_setzero_ps(), lo = _mm256_set1_ps(1.f);
+    for (int64_t t = 0; t < pi; t += 16) {  // pi % 16 == 0
+      const __m256 e0 = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(sc[g] + t), vm));
+      const __m256 e1 = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(sc[g] + t + 8), vm));
+      _mm256_storeu_ps(sc[g] + t, e0);
+      _mm256_storeu_ps(sc[g] + t + 8, e1);
+      sum = _mm256_add_ps(sum, _mm256_add_ps(e0, e1));
+      lo = _mm256_min_ps(lo, _mm256_min_ps(e0, e1));
     }
-    bmax[g] = hmax8(vmx), bmin[g] = hmin8(vmn), mold[g] = m[g];
+    esum[g] = hadd8(sum), emin[g] = hmin8(lo);
   }
   const __m256 vb = _mm256_load_ps(bmax), vold = _mm256_load_ps(mold);
   const __m256 vnew = _mm256_max_ps(vold, vb);  // m_new (-inf old state: the block's max)
-  alignas(32) float ea[8], ec[8], emin[8], sc_p[8], inv_p[8], mnew[8];
+  const __m256 vemin = _mm256_load_ps(emin);
+  const __m256 vs = _mm256_div_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), vemin), _mm256_set1_ps(255.f));  // max e = exp(0) = 1
+  const __m256 vinv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.f), vs), _mm256_cmp_ps(vs, _mm256_setzero_ps(), _CMP_GT_OQ));
+  alignas(32) float ea[8], ec[8], sc_p[8], inv_p[8], mnew[8];
   _mm256_store_ps(ea, kvtier::exp8(_mm256_sub_ps(vold, vnew)));  // exp(-inf) clamps like fast_exp: l, acc are 0
   _mm256_store_ps(ec, kvtier::exp8(_mm256_sub_ps(vb, vnew)));
-  const __m256 vemin = kvtier::exp8(_mm256_sub_ps(_mm256_load_ps(bmin), vb));
-  const __m256 vs = _mm256_div_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), vemin), _mm256_set1_ps(255.f));  // exp(0) = 1
-  const __m256 vinv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.f), vs), _mm256_cmp_ps(vs, _mm256_setzero_ps(), _CMP_GT_OQ));
-  _mm256_store_ps(emin, vemin);
   _mm256_store_ps(sc_p, vs);
   _mm256_store_ps(inv_p, vinv);
   _mm256_store_ps(mnew, vnew);
   for (int64_t g = 0; g < G; ++g) {
-    const __m256 vm = _mm256_set1_ps(bmax[g]), vlo = _mm256_set1_ps(emin[g]), vi = _mm256_set1_ps(inv_p[g]);
-    __m256 sum = _mm256_setzero_ps();
+    const __m256 vlo = _mm256_set1_ps(emin[g]), vi = _mm256_set1_ps(inv_p[g]);
     __m256i csum = _mm256_setzero_si256();
-    for (int64_t t = 0; t < pi; t += 16) {  // pi % 16 == 0
-      const __m256 e0 = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(sc[g] + t), vm));
-      const __m256 e1 = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(sc[g] + t + 8), vm));
-      sum = _mm256_add_ps(sum, _mm256_add_ps(e0, e1));
+    for (int64_t t = 0; t < pi; t += 16) {
+      const __m256 e0 = _mm256_loadu_ps(sc[g] + t), e1 = _mm256_loadu_ps(sc[g] + t + 8);
       const __m256i c0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(e0, vlo), vi));  // round half to even
       const __m256i c1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(e1, vlo), vi));
       csum = _mm256_add_epi32(csum, _mm256_add_epi32(c0, c1));
@@ -440,7 +494,7 @@ KV_AVX2 void softmax_codes8_avx2(float (*sc)[kMaxPi], int64_t G, int64_t pi, flo
       const __m128i b = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + g * pi + t), b);
     }
-    l[g] = l[g] * ea[g] + ec[g] * hadd8(sum);
+    l[g] = l[g] * ea[g] + ec[g] * esum[g];
     m[g] = mnew[g];
     alpha[g] = ea[g];
     __m128i c = _mm_add_epi32(_mm256_castsi256_si128(csum), _mm256_extracti128_si256(csum, 1));
@@ -481,22 +535,67 @@ KV_AVX2 void softmax_avx2(float (*sc)[kMaxPi], int64_t G, int64_t n, int64_t pi,
     softmax_codes8_avx2(sc + g0, std::min<int64_t>(8, G - g0), pi, m + g0, l + g0, codes + g0 * pi, qp + g0, alpha + g0);
 }
 
+// 8 float16 / int16 meta values as floats
+KV_AVX2 inline __m256 half8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+KV_AVX2 inline __m256 int16x8(const int16_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+KV_AVX2 void k_epilogue_avx2(float (*sc)[kMaxPi], const int32_t* dot, const c10::Half* ks, const c10::Half* km,
+                             const int16_t* ksum, const float* A, const float* Bq, const float* C, int64_t G,
+                             int64_t pi, bool first) {
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(pi % 8 == 0);  // pi in {16, 32, 64, 128}
+  for (int64_t t = 0; t < pi; t += 8) {  // the meta of 8 tokens, converted once for the G heads
+    const __m256 fs = half8(ks + t), fm = half8(km + t), fsum = int16x8(ksum + t);
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 dot8 = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dot + g * pi + t)));
+      const __m256 x = _mm256_fmadd_ps(_mm256_set1_ps(Bq[g]), fsum, _mm256_mul_ps(_mm256_set1_ps(A[g]), dot8));
+      __m256 v = _mm256_fmadd_ps(fm, _mm256_set1_ps(C[g]), _mm256_mul_ps(fs, x));
+      if (!first) v = _mm256_add_ps(v, _mm256_loadu_ps(sc[g] + t));
+      _mm256_storeu_ps(sc[g] + t, v);
+    }
+  }
+}
+
+KV_AVX2 void v_epilogue_avx2(float (*acc)[kMaxD], const int32_t* dv, const c10::Half* vs, const c10::Half* vm,
+                             const int16_t* vsum, const float* alpha, const QParams* pq, int64_t G, int64_t D,
+                             float pi) {
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(D % 8 == 0);  // a multiple of pi
+  for (int64_t d = 0; d < D; d += 8) {  // the meta of 8 channels, converted once for the G heads
+    const __m256 fs = half8(vs + d), fm = half8(vm + d);
+    const __m256 base = _mm256_fmadd_ps(fs, int16x8(vsum + d), _mm256_mul_ps(_mm256_set1_ps(pi), fm));
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 dv8 = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dv + g * D + d)));
+      const __m256 x = _mm256_fmadd_ps(fs, dv8, _mm256_mul_ps(fm, _mm256_set1_ps(static_cast<float>(pq[g].sum))));
+      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(acc[g] + d), _mm256_set1_ps(alpha[g]));
+      a = _mm256_fmadd_ps(_mm256_set1_ps(pq[g].scale), x, a);
+      a = _mm256_fmadd_ps(_mm256_set1_ps(pq[g].minimum), base, a);
+      _mm256_storeu_ps(acc[g] + d, a);
+    }
+  }
+}
+
 #endif  // KV_X86
 
 struct Isa {
   const char* name;
   PrepareFn prepare;
   DotFn dot;
-  MetaFn meta;
   SoftmaxFn softmax;
   DotRawFn dot_raw;
+  KEpilogueFn k_epilogue;
+  VEpilogueFn v_epilogue;
 };
 
 bool dot_raw_none(const uint8_t*, int64_t, int64_t, int, const uint8_t*, int64_t, int32_t*, int64_t) { return false; }
 
-const Isa kGeneric{"generic", prepare_generic, dot_generic, meta_generic, softmax_generic, dot_raw_none};
+const Isa kGeneric{"generic", prepare_generic, dot_generic, softmax_generic, dot_raw_none,
+                   k_epilogue_generic, v_epilogue_generic};
 #ifdef KV_X86
-const Isa kAvx2{"avx2", prepare_avx2, dot_avx2, meta_avx2, softmax_avx2, dot_raw_avx2};
+const Isa kAvx2{"avx2", prepare_avx2, dot_avx2, softmax_avx2, dot_raw_avx2, k_epilogue_avx2, v_epilogue_avx2};
 #endif
 
 Isa pick_isa(const std::string& name) {
@@ -511,24 +610,8 @@ Isa g_isa = pick_isa("auto");
 
 // ---- float loops of one block (vectorized by the compiler, one clone per instruction set) ----------
 
-// sc[t] (+)= ks[t] * (A * dot[t] + Bq * ksum[t]) + km[t] * C: one K partition's share of the scores
-KV_CLONES void k_epilogue(float* sc, const int32_t* dot, const float* ks, const float* km, const float* ksum,
-                          float A, float Bq, float C, int64_t n, bool first) {
-  for (int64_t t = 0; t < n; ++t) {
-    const float v = ks[t] * (A * static_cast<float>(dot[t]) + Bq * ksum[t]) + km[t] * C;
-    sc[t] = first ? v : sc[t] + v;
-  }
-}
-
 KV_CLONES void scale_row(float* x, float a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= a;
-}
-
-// acc[d] += sP * (vs[d] * dv[d] + vm[d] * psum) + mP * (vs[d] * vsum[d] + pi * vm[d])
-KV_CLONES void v_epilogue(float* acc, const int32_t* dv, const float* vs, const float* vm, const float* vsum,
-                          float sP, float mP, float psum, float pi, int64_t D) {
-  for (int64_t d = 0; d < D; ++d)
-    acc[d] += sP * (vs[d] * static_cast<float>(dv[d]) + vm[d] * psum) + mP * (vs[d] * vsum[d] + pi * vm[d]);
 }
 
 template <typename T16>
@@ -574,7 +657,7 @@ struct Scratch {
   alignas(64) uint8_t qprep[int64_t(kMaxG) * kMaxD / 2 * 32];  // Q prepared per partition: p * G * pi / 2 * 32
   alignas(64) uint8_t pprep[kPrepared];                  // P prepared
   alignas(64) float acc[kMaxG][kMaxD];
-  alignas(64) float f0[kMaxD], f1[kMaxD], f2[kMaxD];
+  float qa[kMaxD / 16][kMaxG], qb[kMaxD / 16][kMaxG], qc[kMaxD / 16][kMaxG];  // per partition and head: A, Bq, C
   float m[kMaxG], l[kMaxG];
   QParams pq[kMaxG];
 };
@@ -582,32 +665,27 @@ struct Scratch {
 // scores of block `blk` (n valid tokens) into w.sc, -inf past n
 void block_scores(const DecodeArgs& a, Scratch& w, int64_t b, int64_t h, int64_t blk, int64_t n) {
   const int64_t G = a.G, P = a.P, pi = a.pi, M = pi * pi * a.bits / 8;  // bytes of one partition's matrix
+  const int64_t bh = blk * a.Hkv + h;
   for (int64_t p = 0; p < P; ++p) {
-    const int64_t bh = blk * a.Hkv + h;
     g_isa.dot(a.c.k_codes(bh) + p * M, pi, pi, static_cast<int>(a.bits), w.qprep + p * G * pi * 16, G, w.dot, pi);
-    g_isa.meta(a.c.k_scale(bh) + p * pi, a.c.k_min(bh) + p * pi, a.c.k_sum(bh) + p * pi, pi, w.f0, w.f1, w.f2);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qp = a.qp + (((b * a.Hkv + h) * G + g) * P + p) * 3;
-      const float C = qp[0] * qp[2] + static_cast<float>(pi) * qp[1];
-      k_epilogue(w.sc[g], w.dot + g * pi, w.f0, w.f1, w.f2, qp[0], qp[1], C, pi, p == 0);
-    }
+    g_isa.k_epilogue(w.sc, w.dot, a.c.k_scale(bh) + p * pi, a.c.k_min(bh) + p * pi, a.c.k_sum(bh) + p * pi,
+                     w.qa[p], w.qb[p], w.qc[p], G, pi, p == 0);
   }
   for (int64_t g = 0; g < G; ++g)
     for (int64_t t = n; t < pi; ++t) w.sc[g][t] = -std::numeric_limits<float>::infinity();
 }
 
-// P.V of a full block from codes: w.pc holds P's 8-bit codes per head, w.pq their parameters
-void block_pv_codes(const DecodeArgs& a, Scratch& w, int64_t h, int64_t blk) {
+// P.V of a full block from codes into w.acc, rescaled by alpha: w.pc holds P's 8-bit codes per head, w.pq their
+// parameters
+void block_pv_codes(const DecodeArgs& a, Scratch& w, int64_t h, int64_t blk, const float* alpha) {
   const int64_t G = a.G, D = a.D, pi = a.pi, bh = blk * a.Hkv + h;
   const int bits = static_cast<int>(a.bits);
   if (!g_isa.dot_raw(a.c.v_codes(bh), D, pi, bits, w.pc, G, w.dot, D)) {
     g_isa.prepare(w.pc, G, pi, bits, w.pprep);
     g_isa.dot(a.c.v_codes(bh), D, pi, bits, w.pprep, G, w.dot, D);
   }
-  g_isa.meta(a.c.v_scale(bh), a.c.v_min(bh), a.c.v_sum(bh), D, w.f0, w.f1, w.f2);
-  for (int64_t g = 0; g < G; ++g)
-    v_epilogue(w.acc[g], w.dot + g * D, w.f0, w.f1, w.f2, w.pq[g].scale, w.pq[g].minimum,
-               static_cast<float>(w.pq[g].sum), static_cast<float>(pi), D);
+  g_isa.v_epilogue(w.acc, w.dot, a.c.v_scale(bh), a.c.v_min(bh), a.c.v_sum(bh), alpha, w.pq, G, D,
+                   static_cast<float>(pi));
 }
 
 inline void prefetch_range(const void* p, int64_t bytes) {  // into L2: a block is used well after this
@@ -636,6 +714,10 @@ void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
     const uint8_t* qg = a.qc + (b * a.Hkv + h) * G * D + p * pi;  // head g at qg + g * D
     for (int64_t g = 0; g < G; ++g) std::memcpy(w.pc + g * pi, qg + g * D, pi);
     g_isa.prepare(w.pc, G, pi, static_cast<int>(a.bits), w.qprep + p * G * pi * 16);
+    for (int64_t g = 0; g < G; ++g) {  // the four-term formula's Q factors: scale, minimum, code sum
+      const float* qp = a.qp + (((b * a.Hkv + h) * G + g) * a.P + p) * 3;
+      w.qa[p][g] = qp[0], w.qb[p][g] = qp[1], w.qc[p][g] = qp[0] * qp[2] + static_cast<float>(pi) * qp[1];
+    }
   }
   for (int64_t j = j0; j < std::min(j1, j0 + kAhead); ++j) prefetch_block(a, h, a.tables[b * a.W + j], j < nfull);
   for (int64_t j = j0; j < j1; ++j) {
@@ -645,12 +727,14 @@ void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
     const bool full = j < nfull;
     float alpha[kMaxG];
     g_isa.softmax(w.sc, G, n, pi, w.m, w.l, full ? w.pc : nullptr, w.pq, alpha);
-    for (int64_t g = 0; g < G; ++g) scale_row(w.acc[g], alpha[g], D);
     if (full) {
-      block_pv_codes(a, w, h, blk);
+      block_pv_codes(a, w, h, blk, alpha);
     } else {  // the open block: V from the sequence's 16-bit tail
       const T16* vt = static_cast<const T16*>(a.c.v_tail) + (a.slots[b] * a.Hkv + h) * pi * D;
-      for (int64_t g = 0; g < G; ++g) tail_accumulate(w.acc[g], w.sc[g], vt, n, D);
+      for (int64_t g = 0; g < G; ++g) {
+        scale_row(w.acc[g], alpha[g], D);
+        tail_accumulate(w.acc[g], w.sc[g], vt, n, D);
+      }
     }
   }
   const int64_t base = ((b * a.Hkv + h) * a.S + s) * G;
