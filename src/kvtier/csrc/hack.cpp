@@ -26,7 +26,7 @@ using namespace kvtier;
 constexpr int kMaxG = 16;
 constexpr int kMaxD = 256;
 constexpr int kMaxPi = 128;
-constexpr int64_t kPrepared = int64_t(kMaxG) * kMaxPi / 2 * 32;  // G x n/2 broadcast pairs of 32 bytes
+constexpr int64_t kPrepared = int64_t(kMaxG) * kMaxPi * 2;  // G x n/2 pairs of 4 bytes
 
 // ---- quantization, bit-identical to hack.quantize --------------------------------------------------
 
@@ -83,9 +83,6 @@ using PrepareFn = void (*)(const uint8_t* a, int64_t G, int64_t n, int bits, voi
 // out[g * out_stride + r] = sum_j a[g][j] * code(r, j) over the rows x n matrix m (pair-vertical, rows % 16 == 0)
 using DotFn = void (*)(const uint8_t* m, int64_t rows, int64_t n, int bits, const void* prepared, int64_t G,
                        int32_t* out, int64_t out_stride);
-// DotFn on the plain G x n a-codes, for the shapes it has; false where the caller must prepare and use DotFn
-using DotRawFn = bool (*)(const uint8_t* m, int64_t rows, int64_t n, int bits, const uint8_t* a, int64_t G,
-                          int32_t* out, int64_t out_stride);
 // one K partition's share of the G heads' scores, its float16 meta converted on the fly:
 // sc[g][t] (+)= ks[t] * (A[g] * dot[g * pi + t] + Bq[g] * ksum[t]) + km[t] * C[g]
 using KEpilogueFn = void (*)(float (*sc)[kMaxPi], const int32_t* dot, const c10::Half* ks, const c10::Half* km,
@@ -200,19 +197,22 @@ KV_CLONES void v_epilogue_generic(float (*acc)[kMaxD], const int32_t* dv, const 
 #ifdef KV_X86
 #define KV_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-// (a[2j], a[2j+1]) broadcast to every 16-bit lane (2/4-bit codes: bytes for maddubs) or 32-bit lane
-// (8-bit codes: int16 pairs for madd), per a-row g and pair j: prepared[g * n / 2 + j]
+// per a-row g and pair j, the 4-byte word at prepared + (g * n / 2 + j) * 4 that the dots broadcast: the byte pair
+// (a[2j], a[2j+1]) twice (2/4-bit codes: bytes for maddubs) or as two int16 (8-bit codes: for madd); n % 16 == 0
 KV_AVX2 void prepare_avx2(const uint8_t* a, int64_t G, int64_t n, int bits, void* prepared) {
-  __m256i* ab = static_cast<__m256i*>(prepared);
-  if (bits == 8) {
-    for (int64_t i = 0; i < G * n / 2; ++i) ab[i] = _mm256_set1_epi32(a[2 * i] | a[2 * i + 1] << 16);
-    return;
+  auto* out = static_cast<__m128i*>(prepared);
+  for (int64_t i = 0; i < G * n / 16; ++i) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a) + i);
+    out[2 * i] = bits == 8 ? _mm_cvtepu8_epi16(b) : _mm_unpacklo_epi16(b, b);
+    out[2 * i + 1] = bits == 8 ? _mm_cvtepu8_epi16(_mm_srli_si128(b, 8)) : _mm_unpackhi_epi16(b, b);
   }
-  for (int64_t i = 0; i < G * n / 2; ++i) {  // the byte pair as one little-endian int16: vpbroadcastw
-    int16_t pair;
-    std::memcpy(&pair, a + 2 * i, 2);
-    ab[i] = _mm256_set1_epi16(pair);
-  }
+}
+
+// word i of the prepared a-codes in every 32-bit lane: vpbroadcastd from memory, a plain load
+KV_AVX2 inline __m256i pair_at(const void* prepared, int64_t i) {
+  int32_t word;
+  std::memcpy(&word, static_cast<const uint8_t*>(prepared) + 4 * i, 4);
+  return _mm256_set1_epi32(word);
 }
 
 // pairs whose maddubs products one 16-bit lane sums before widening: every product is a code (<= 255) times a
@@ -228,7 +228,7 @@ constexpr int pairs_per_sum() {
 // 2/4-bit, n = N: per group of 16 rows the N/2 pair vectors are unpacked once (a shift and a mask), then
 // per a-row one maddubs per pair (16 rows x 2 positions), summed in 16 bits and widened every F pairs
 template <int Bits, int N>
-KV_AVX2 void dot_narrow_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, int64_t G, int32_t* out,
+KV_AVX2 void dot_narrow_avx2(const uint8_t* m, int64_t rows, const void* ab, int64_t G, int32_t* out,
                              int64_t out_stride) {
   constexpr int c = 8 / Bits, chunks = N / (2 * c), half = N / 2;
   constexpr int F = pairs_per_sum<Bits, half>();
@@ -240,13 +240,12 @@ KV_AVX2 void dot_narrow_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, 
       for (int s = 0; s < c; ++s) u[c * k + s] = _mm256_and_si256(_mm256_srli_epi16(x, s * Bits), mask);
     }
     for (int64_t g = 0; g < G; ++g) {
-      const __m256i* abg = ab + g * half;
       __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
       for (int j0 = 0; j0 < half; j0 += F) {
         __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();  // two chains
         for (int j = 0; j < F; j += 2) {
-          acc0 = _mm256_add_epi16(acc0, _mm256_maddubs_epi16(abg[j0 + j], u[j0 + j]));
-          acc1 = _mm256_add_epi16(acc1, _mm256_maddubs_epi16(abg[j0 + j + 1], u[j0 + j + 1]));
+          acc0 = _mm256_add_epi16(acc0, _mm256_maddubs_epi16(pair_at(ab, g * half + j0 + j), u[j0 + j]));
+          acc1 = _mm256_add_epi16(acc1, _mm256_maddubs_epi16(pair_at(ab, g * half + j0 + j + 1), u[j0 + j + 1]));
         }
         const __m256i acc = _mm256_add_epi16(acc0, acc1);
         lo = _mm256_add_epi32(lo, _mm256_cvtepu16_epi32(_mm256_castsi256_si128(acc)));
@@ -259,32 +258,10 @@ KV_AVX2 void dot_narrow_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, 
   }
 }
 
-// pair j of a-row g as maddubs takes it: from the prepared vectors, or (Raw) broadcast from the pairs doubled
-template <bool Raw, int N>
-KV_AVX2 inline __m256i pair_at(const void* a, int g, int j) {
-  if constexpr (Raw) {
-    int32_t pair2;  // (a[2j], a[2j+1]) twice: vpbroadcastd from memory, a plain load
-    std::memcpy(&pair2, static_cast<const uint8_t*>(a) + (g * (N / 2) + j) * 4, 4);
-    return _mm256_set1_epi32(pair2);
-  } else {
-    return _mm256_load_si256(static_cast<const __m256i*>(a) + g * (N / 2) + j);
-  }
-}
-
-// n 8-bit codes -> their byte pairs, each twice (4 bytes per pair: what pair_at<true> broadcasts); n % 16 == 0
-KV_AVX2 inline void double_pairs(const uint8_t* a, int64_t n, uint8_t* out) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i), _mm_unpacklo_epi16(b, b));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i + 16), _mm_unpackhi_epi16(b, b));
-  }
-}
-
 // the same with G a-rows known at compile time, RG groups of 16 rows per pass: each unpacked pair vector,
 // kept in a register, feeds all G accumulators, and each pair of a-codes, loaded once, feeds the RG groups;
-// int32 sums build up in out. Raw: a is the G x N codes' pairs, each twice (double_pairs: 4 bytes a pair where
-// prepare writes 32, for P, new every block)
-template <int Bits, int N, int G, int RG, bool Raw = false>
+// int32 sums build up in out
+template <int Bits, int N, int G, int RG>
 KV_AVX2 void dot_narrow_g_avx2(const uint8_t* m, int64_t rows, const void* ab, int32_t* out, int64_t out_stride) {
   constexpr int c = 8 / Bits, half = N / 2, chunks = N / (2 * c), F = pairs_per_sum<Bits, half>();
   const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << Bits) - 1));
@@ -302,7 +279,7 @@ KV_AVX2 void dot_narrow_g_avx2(const uint8_t* m, int64_t rows, const void* ab, i
           __m256i u[RG];
           for (int r = 0; r < RG; ++r) u[r] = _mm256_and_si256(_mm256_srli_epi16(x[r], s * Bits), mask);
           for (int g = 0; g < G; ++g) {
-            const __m256i a = pair_at<Raw, N>(ab, g, c * k + s);
+            const __m256i a = pair_at(ab, g * half + c * k + s);
             for (int r = 0; r < RG; ++r) {
               acc[r][g] = _mm256_add_epi16(acc[r][g], _mm256_maddubs_epi16(a, u[r]));
               asm("" : "+x"(acc[r][g]));  // keep each sum a chain in its register: no reassociated tree, no spills
@@ -326,11 +303,11 @@ KV_AVX2 void dot_narrow_g_avx2(const uint8_t* m, int64_t rows, const void* ab, i
   }
   if constexpr (RG > 1)
     if (rg < rows / 16)  // an odd group left
-      dot_narrow_g_avx2<Bits, N, G, 1, Raw>(m + rg * chunks * 32, rows - rg * 16, ab, out + rg * 16, out_stride);
+      dot_narrow_g_avx2<Bits, N, G, 1>(m + rg * chunks * 32, rows - rg * 16, ab, out + rg * 16, out_stride);
 }
 
 template <int Bits, int N>
-KV_AVX2 void dot_narrow_any_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, int64_t G, int32_t* out,
+KV_AVX2 void dot_narrow_any_avx2(const uint8_t* m, int64_t rows, const void* ab, int64_t G, int32_t* out,
                                  int64_t out_stride) {
   switch (G) {
     case 1: return dot_narrow_g_avx2<Bits, N, 1, 2>(m, rows, ab, out, out_stride);
@@ -345,7 +322,7 @@ KV_AVX2 void dot_narrow_any_avx2(const uint8_t* m, int64_t rows, const __m256i* 
 
 // 8-bit, n = N: codes widened to int16 once per group, then madd with the (a[2j], a[2j+1]) pairs into int32
 template <int N>
-KV_AVX2 void dot_wide_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, int64_t G, int32_t* out,
+KV_AVX2 void dot_wide_avx2(const uint8_t* m, int64_t rows, const void* ab, int64_t G, int32_t* out,
                            int64_t out_stride) {
   constexpr int half = N / 2;
   for (int64_t rg = 0; rg < rows / 16; ++rg) {
@@ -356,11 +333,11 @@ KV_AVX2 void dot_wide_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, in
       w[2 * j + 1] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk + 16)));
     }
     for (int64_t g = 0; g < G; ++g) {
-      const __m256i* abg = ab + g * half;
       __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
       for (int j = 0; j < half; ++j) {
-        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(abg[j], w[2 * j]));
-        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(abg[j], w[2 * j + 1]));
+        const __m256i a = pair_at(ab, g * half + j);
+        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(a, w[2 * j]));
+        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(a, w[2 * j + 1]));
       }
       int32_t* o = out + g * out_stride + rg * 16;
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), lo);
@@ -370,45 +347,21 @@ KV_AVX2 void dot_wide_avx2(const uint8_t* m, int64_t rows, const __m256i* ab, in
 }
 
 template <int N>
-KV_AVX2 void dot_n_avx2(const uint8_t* m, int64_t rows, int bits, const __m256i* ab, int64_t G, int32_t* out,
+KV_AVX2 void dot_n_avx2(const uint8_t* m, int64_t rows, int bits, const void* ab, int64_t G, int32_t* out,
                         int64_t out_stride) {
   if (bits == 2) dot_narrow_any_avx2<2, N>(m, rows, ab, G, out, out_stride);
   else if (bits == 4) dot_narrow_any_avx2<4, N>(m, rows, ab, G, out, out_stride);
   else dot_wide_avx2<N>(m, rows, ab, G, out, out_stride);
 }
 
-KV_AVX2 void dot_avx2(const uint8_t* m, int64_t rows, int64_t n, int bits, const void* prepared, int64_t G,
+KV_AVX2 void dot_avx2(const uint8_t* m, int64_t rows, int64_t n, int bits, const void* ab, int64_t G,
                       int32_t* out, int64_t out_stride) {
-  const __m256i* ab = static_cast<const __m256i*>(prepared);
   switch (n) {
     case 16: return dot_n_avx2<16>(m, rows, bits, ab, G, out, out_stride);
     case 32: return dot_n_avx2<32>(m, rows, bits, ab, G, out, out_stride);
     case 64: return dot_n_avx2<64>(m, rows, bits, ab, G, out, out_stride);
     default: return dot_n_avx2<128>(m, rows, bits, ab, G, out, out_stride);
   }
-}
-
-// the dot with a given as plain G x n codes (P, new every block), where a compiled shape exists: true if done
-template <int Bits, int N>
-KV_AVX2 bool dot_raw_n_avx2(const uint8_t* m, int64_t rows, const uint8_t* codes, int64_t G, int32_t* out,
-                            int64_t out_stride) {
-  if (G > 4) return false;
-  alignas(32) uint8_t a[4 * N * 2];
-  double_pairs(codes, G * N, a);
-  switch (G) {
-    case 1: dot_narrow_g_avx2<Bits, N, 1, 2, true>(m, rows, a, out, out_stride); return true;
-    case 2: dot_narrow_g_avx2<Bits, N, 2, 2, true>(m, rows, a, out, out_stride); return true;
-    case 3: dot_narrow_g_avx2<Bits, N, 3, 2, true>(m, rows, a, out, out_stride); return true;
-    case 4: dot_narrow_g_avx2<Bits, N, 4, 2, true>(m, rows, a, out, out_stride); return true;
-    default: return false;
-  }
-}
-
-KV_AVX2 bool dot_raw_avx2(const uint8_t* m, int64_t rows, int64_t n, int bits, const uint8_t* a, int64_t G,
-                          int32_t* out, int64_t out_stride) {
-  if (bits == 2 && n == 64) return dot_raw_n_avx2<2, 64>(m, rows, a, G, out, out_stride);
-  if (bits == 4 && n == 64) return dot_raw_n_avx2<4, 64>(m, rows, a, G, out, out_stride);
-  return false;
 }
 
 KV_AVX2 inline float hmax8(__m256 v) {
@@ -585,17 +538,13 @@ struct Isa {
   PrepareFn prepare;
   DotFn dot;
   SoftmaxFn softmax;
-  DotRawFn dot_raw;
   KEpilogueFn k_epilogue;
   VEpilogueFn v_epilogue;
 };
 
-bool dot_raw_none(const uint8_t*, int64_t, int64_t, int, const uint8_t*, int64_t, int32_t*, int64_t) { return false; }
-
-const Isa kGeneric{"generic", prepare_generic, dot_generic, softmax_generic, dot_raw_none,
-                   k_epilogue_generic, v_epilogue_generic};
+const Isa kGeneric{"generic", prepare_generic, dot_generic, softmax_generic, k_epilogue_generic, v_epilogue_generic};
 #ifdef KV_X86
-const Isa kAvx2{"avx2", prepare_avx2, dot_avx2, softmax_avx2, dot_raw_avx2, k_epilogue_avx2, v_epilogue_avx2};
+const Isa kAvx2{"avx2", prepare_avx2, dot_avx2, softmax_avx2, k_epilogue_avx2, v_epilogue_avx2};
 #endif
 
 Isa pick_isa(const std::string& name) {
@@ -654,7 +603,7 @@ struct Scratch {
   alignas(64) int32_t dot[kMaxG * kMaxD];
   alignas(64) float sc[kMaxG][kMaxPi];
   alignas(64) uint8_t pc[kMaxG * kMaxPi];                // P codes of a block, [G][pi]
-  alignas(64) uint8_t qprep[int64_t(kMaxG) * kMaxD / 2 * 32];  // Q prepared per partition: p * G * pi / 2 * 32
+  alignas(64) uint8_t qprep[int64_t(kMaxG) * kMaxD * 2];  // Q prepared per partition: p * G * pi * 2
   alignas(64) uint8_t pprep[kPrepared];                  // P prepared
   alignas(64) float acc[kMaxG][kMaxD];
   float qa[kMaxD / 16][kMaxG], qb[kMaxD / 16][kMaxG], qc[kMaxD / 16][kMaxG];  // per partition and head: A, Bq, C
@@ -667,7 +616,7 @@ void block_scores(const DecodeArgs& a, Scratch& w, int64_t b, int64_t h, int64_t
   const int64_t G = a.G, P = a.P, pi = a.pi, M = pi * pi * a.bits / 8;  // bytes of one partition's matrix
   const int64_t bh = blk * a.Hkv + h;
   for (int64_t p = 0; p < P; ++p) {
-    g_isa.dot(a.c.k_codes(bh) + p * M, pi, pi, static_cast<int>(a.bits), w.qprep + p * G * pi * 16, G, w.dot, pi);
+    g_isa.dot(a.c.k_codes(bh) + p * M, pi, pi, static_cast<int>(a.bits), w.qprep + p * G * pi * 2, G, w.dot, pi);
     g_isa.k_epilogue(w.sc, w.dot, a.c.k_scale(bh) + p * pi, a.c.k_min(bh) + p * pi, a.c.k_sum(bh) + p * pi,
                      w.qa[p], w.qb[p], w.qc[p], G, pi, p == 0);
   }
@@ -680,10 +629,8 @@ void block_scores(const DecodeArgs& a, Scratch& w, int64_t b, int64_t h, int64_t
 void block_pv_codes(const DecodeArgs& a, Scratch& w, int64_t h, int64_t blk, const float* alpha) {
   const int64_t G = a.G, D = a.D, pi = a.pi, bh = blk * a.Hkv + h;
   const int bits = static_cast<int>(a.bits);
-  if (!g_isa.dot_raw(a.c.v_codes(bh), D, pi, bits, w.pc, G, w.dot, D)) {
-    g_isa.prepare(w.pc, G, pi, bits, w.pprep);
-    g_isa.dot(a.c.v_codes(bh), D, pi, bits, w.pprep, G, w.dot, D);
-  }
+  g_isa.prepare(w.pc, G, pi, bits, w.pprep);
+  g_isa.dot(a.c.v_codes(bh), D, pi, bits, w.pprep, G, w.dot, D);
   g_isa.v_epilogue(w.acc, w.dot, a.c.v_scale(bh), a.c.v_min(bh), a.c.v_sum(bh), alpha, w.pq, G, D,
                    static_cast<float>(pi));
 }
@@ -713,7 +660,7 @@ void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
   for (int64_t p = 0; p < a.P; ++p) {  // this (sequence, KV head)'s Q codes, per partition, in the dot's form
     const uint8_t* qg = a.qc + (b * a.Hkv + h) * G * D + p * pi;  // head g at qg + g * D
     for (int64_t g = 0; g < G; ++g) std::memcpy(w.pc + g * pi, qg + g * D, pi);
-    g_isa.prepare(w.pc, G, pi, static_cast<int>(a.bits), w.qprep + p * G * pi * 16);
+    g_isa.prepare(w.pc, G, pi, static_cast<int>(a.bits), w.qprep + p * G * pi * 2);
     for (int64_t g = 0; g < G; ++g) {  // the four-term formula's Q factors: scale, minimum, code sum
       const float* qp = a.qp + (((b * a.Hkv + h) * G + g) * a.P + p) * 3;
       w.qa[p][g] = qp[0], w.qb[p][g] = qp[1], w.qc[p][g] = qp[0] * qp[2] + static_cast<float>(pi) * qp[1];
