@@ -1,6 +1,6 @@
 """Block pool and scheduler invariants under random add / step / finish / preempt sequences."""
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kvtier.engine.scheduler import Scheduler, SchedulerConfig
@@ -78,6 +78,9 @@ def block_manager(policy: str, num_blocks: int, block_size: int):
 @settings(max_examples=150, deadline=None)
 @given(ops=ops, num_blocks=st.integers(8, 40), block_size=st.sampled_from([1, 4, 16]),
        budget=st.integers(1, 64), max_seqs=st.integers(1, 8), policy=st.sampled_from(["plain", "swap", "dynamic"]))
+@example(ops=[("add", 8, 14)] + [("step", 0, 0)] * 5 + [("add", 1, 1)] + [("step", 0, 0)] * 3 + [("add", 57, 5)]
+         + [("step", 0, 0)] * 3 + [("add", 56, 2), ("add", 1, 1), ("finish", 384, 0), ("add", 41, 1)],
+         num_blocks=24, block_size=4, budget=35, max_seqs=4, policy="dynamic")  # dynamic with every tier full
 def test_pool_invariants_under_random_operations(ops, num_blocks, block_size, budget, max_seqs, policy):
     pool, bm, placement = block_manager(policy, num_blocks, block_size)
     sched = Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget), bm)

@@ -73,26 +73,23 @@ class DynamicPolicy(KVPolicy):
         return self._moves(promote, demote, pl)
 
     def _moves(self, promote: list, demote: list, pl: BlockPlacement) -> list[tuple[int, int]]:
-        """(block, priority) pairs to promote and demote -> moves within the per-step budget."""
-        moves, free, budget = [], pl.num_free(0), self.max_moves
+        """(block, priority) pairs to promote and demote -> moves within the per-step budget. Moves apply in
+        order, so each goes where there is room after the ones before it (room: free slots per target)."""
+        room = [pl.num_free(t) for t in range(len(pl.targets))]
+        moves, budget = [], self.max_moves
         for i, (b, p) in enumerate(promote):
-            if budget < (1 if free else 2):
+            if budget < (1 if room[0] else 2):
                 break
-            if not free:
-                if not demote or (p < self.hysteresis * demote[0][1] and i > 0):
-                    break
-                moves.append((int(demote.pop(0)[0]), self._below(pl)))
-                budget -= 1
-                free += 1
+            if not room[0]:
+                below = next((t for t in range(1, len(room)) if room[t]), None)  # the fastest slower one
+                if below is None or not demote or (p < self.hysteresis * demote[0][1] and i > 0):
+                    break  # every tier full, nothing colder, or not hot enough to displace it
+                moves.append((int(demote.pop(0)[0]), below))
+                room[below], room[0], budget = room[below] - 1, room[0] + 1, budget - 1
             moves.append((int(b), 0))
-            budget -= 1
-            free -= 1
+            src = pl.target_of[b]
+            room[src], room[0], budget = room[src] + 1, room[0] - 1, budget - 1
         return moves
-
-    @staticmethod
-    def _below(pl: BlockPlacement) -> int:
-        """The fastest slower target with room (slots freed by earlier moves are not counted)."""
-        return next(t for t in range(1, len(pl.targets)) if pl.num_free(t))
 
     def forget(self, blocks: list[int]) -> None:
         self._scores(max(blocks) + 1 if blocks else 0)[blocks] = 0.0
