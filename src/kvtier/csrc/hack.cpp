@@ -26,7 +26,8 @@ using namespace kvtier;
 constexpr int kMaxG = 16;
 constexpr int kMaxD = 256;
 constexpr int kMaxPi = 128;
-constexpr int64_t kPrepared = int64_t(kMaxG) * kMaxPi * 2;  // G x n/2 pairs of 4 bytes
+constexpr int64_t kPreparedPerCode = 2;  // bytes of prepared a-codes per code (PrepareFn): a 4-byte word a pair
+constexpr int64_t kPrepared = kMaxG * kMaxPi * kPreparedPerCode;
 
 // ---- quantization, bit-identical to hack.quantize --------------------------------------------------
 
@@ -603,12 +604,13 @@ struct Scratch {
   alignas(64) int32_t dot[kMaxG * kMaxD];
   alignas(64) float sc[kMaxG][kMaxPi];
   alignas(64) uint8_t pc[kMaxG * kMaxPi];                // P codes of a block, [G][pi]
-  alignas(64) uint8_t qprep[int64_t(kMaxG) * kMaxD * 2];  // Q prepared per partition: p * G * pi * 2
+  alignas(64) uint8_t qprep[kMaxG * kMaxD * kPreparedPerCode];  // Q prepared, per partition (q_prepared)
   alignas(64) uint8_t pprep[kPrepared];                  // P prepared
   alignas(64) float acc[kMaxG][kMaxD];
   float qa[kMaxD / 16][kMaxG], qb[kMaxD / 16][kMaxG], qc[kMaxD / 16][kMaxG];  // per partition and head: A, Bq, C
   float m[kMaxG], l[kMaxG];
   QParams pq[kMaxG];
+  uint8_t* q_prepared(int64_t p, int64_t G, int64_t pi) { return qprep + p * G * pi * kPreparedPerCode; }
 };
 
 // scores of block `blk` (n valid tokens) into w.sc, -inf past n
@@ -616,7 +618,7 @@ void block_scores(const DecodeArgs& a, Scratch& w, int64_t b, int64_t h, int64_t
   const int64_t G = a.G, P = a.P, pi = a.pi, M = pi * pi * a.bits / 8;  // bytes of one partition's matrix
   const int64_t bh = blk * a.Hkv + h;
   for (int64_t p = 0; p < P; ++p) {
-    g_isa.dot(a.c.k_codes(bh) + p * M, pi, pi, static_cast<int>(a.bits), w.qprep + p * G * pi * 2, G, w.dot, pi);
+    g_isa.dot(a.c.k_codes(bh) + p * M, pi, pi, static_cast<int>(a.bits), w.q_prepared(p, G, pi), G, w.dot, pi);
     g_isa.k_epilogue(w.sc, w.dot, a.c.k_scale(bh) + p * pi, a.c.k_min(bh) + p * pi, a.c.k_sum(bh) + p * pi,
                      w.qa[p], w.qb[p], w.qc[p], G, pi, p == 0);
   }
@@ -660,7 +662,7 @@ void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
   for (int64_t p = 0; p < a.P; ++p) {  // this (sequence, KV head)'s Q codes, per partition, in the dot's form
     const uint8_t* qg = a.qc + (b * a.Hkv + h) * G * D + p * pi;  // head g at qg + g * D
     for (int64_t g = 0; g < G; ++g) std::memcpy(w.pc + g * pi, qg + g * D, pi);
-    g_isa.prepare(w.pc, G, pi, static_cast<int>(a.bits), w.qprep + p * G * pi * 2);
+    g_isa.prepare(w.pc, G, pi, static_cast<int>(a.bits), w.q_prepared(p, G, pi));
     for (int64_t g = 0; g < G; ++g) {  // the four-term formula's Q factors: scale, minimum, code sum
       const float* qp = a.qp + (((b * a.Hkv + h) * G + g) * a.P + p) * 3;
       w.qa[p][g] = qp[0], w.qb[p][g] = qp[1], w.qc[p][g] = qp[0] * qp[2] + static_cast<float>(pi) * qp[1];
