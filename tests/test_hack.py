@@ -39,7 +39,7 @@ from kvtier.kernels.hack import (
 
 fast = ext.load("hack")
 needs_fast = pytest.mark.skipif(fast is None, reason="compiled HACK kernels unavailable here")
-ISAS = ["generic", "avx2"] if fast is not None and "avx2" in fast.isa() else ["generic"]
+ISAS = fast.isas() if fast is not None else ["generic"]
 
 
 # ---- quantization -------------------------------------------------------------------------------
@@ -218,6 +218,8 @@ CASES = [  # hq, hkv, d, bits, pi, lens: GQA 1/3/4, contexts off the partition s
     (4, 1, 128, 4, 128, [250]),
     (10, 2, 64, 2, 64, [70, 129]),  # G = 5: the compiled path's general head-group loop
     (4, 2, 64, 4, 32, [40]),  # G = 2
+    (16, 1, 64, 2, 16, [50, 17]),  # G = 16 (AVX-512: four passes of 4 heads), the smallest partition
+    (8, 1, 128, 2, 128, [300]),  # 2-bit partitions of 128: AVX-512's prepared codes from two vectors
 ]
 
 

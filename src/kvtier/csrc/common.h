@@ -39,6 +39,18 @@ inline bool has_avx2() {
 #endif
 }
 
+// AVX-512 with the byte dot product (VNNI) and byte shuffles (VBMI): Ice Lake and later, Zen 4 and later.
+inline bool has_avx512_vnni() {
+#ifdef KV_X86
+  __builtin_cpu_init();
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("avx512vbmi");
+#else
+  return false;
+#endif
+}
+
 inline float to_f(float x) { return x; }
 inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_f(c10::Half x) { return static_cast<float>(x); }

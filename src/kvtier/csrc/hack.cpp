@@ -6,11 +6,11 @@
 // online softmax; per block of pi tokens Q.K^T and P.V are integer dot products of 8-bit Q / P codes
 // with the unpacked K / V codes, finished by the four-term formula; segments merge by log-sum-exp.
 //
-// Instruction sets: the integer dot products (codes unpacked in registers, maddubs), the four-term epilogues
-// (float16 meta converted on the fly, once for a head group) and the per-block softmax with P's quantization
-// have an AVX2 version, chosen at run time when the CPU has AVX2+FMA+F16C (set_isa forces one, for tests), and a
-// portable one; the remaining float loops use KV_CLONES. AVX-512 machines run the AVX2 version. No dequantized
-// K or V is ever formed.
+// Instruction sets: the integer dot products (codes unpacked in registers), the four-term epilogues (float16 meta
+// converted on the fly, once for a head group) and the per-block softmax with P's quantization have three
+// versions, the best the CPU has chosen at run time (set_isa forces one, for tests): AVX-512 with VNNI and VBMI
+// (vpdpbusd on 2/4-bit codes gathered by vpmultishiftqb; 16-lane softmax and epilogues), AVX2+FMA+F16C (maddubs)
+// and a portable one; the remaining float loops use KV_CLONES. No dequantized K or V is ever formed.
 
 #include "common.h"
 #include "vec.h"
@@ -26,7 +26,7 @@ using namespace kvtier;
 constexpr int kMaxG = 16;
 constexpr int kMaxD = 256;
 constexpr int kMaxPi = 128;
-constexpr int64_t kPreparedPerCode = 2;  // bytes of prepared a-codes per code (PrepareFn): a 4-byte word a pair
+constexpr int64_t kPreparedPerCode = 8;  // bytes of prepared a-codes per code, at most (PrepareFn; AVX-512: 8)
 constexpr int64_t kPrepared = kMaxG * kMaxPi * kPreparedPerCode;
 
 // ---- quantization, bit-identical to hack.quantize --------------------------------------------------
@@ -400,17 +400,42 @@ KV_AVX2 inline __m256 exp_nonpos8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(n127, 23)));
 }
 
+// P's codes span [emin, 1] (its maximum is exp(0) = 1): their scale and its reciprocal (0 for a constant P)
+inline void p_code_scale(float emin, float& scale, float& inv) {
+  scale = (1.f - emin) / 255.f;
+  inv = scale > 0.f ? 1.f / scale : 0.f;
+}
+
+// the per-head scalars of a full block, up to 8 heads across one vector, off the passes' path: the running max,
+// the old state's rescale alpha = exp(m_old - m_new), the carry exp(block max - m_new) into l and P's parameters
+KV_AVX2 void finish_block8(int64_t G, const float* bmax, const float* emin, const float* esum, const float* scale,
+                           const int32_t* csum, float* m, float* l, QParams* qp, float* alpha) {
+  alignas(32) float vmax[8] = {}, mold[8] = {}, ea[8], ec[8], mnew[8];
+  for (int64_t g = 0; g < G; ++g) vmax[g] = bmax[g], mold[g] = m[g];
+  const __m256 vb = _mm256_load_ps(vmax), vold = _mm256_load_ps(mold);
+  const __m256 vnew = _mm256_max_ps(vold, vb);  // m_new (-inf old state: the block's max)
+  _mm256_store_ps(ea, kvtier::exp8(_mm256_sub_ps(vold, vnew)));  // exp(-inf) clamps like fast_exp: l, acc are 0
+  _mm256_store_ps(ec, kvtier::exp8(_mm256_sub_ps(vb, vnew)));
+  _mm256_store_ps(mnew, vnew);
+  for (int64_t g = 0; g < G; ++g) {
+    l[g] = l[g] * ea[g] + ec[g] * esum[g];
+    m[g] = mnew[g];
+    alpha[g] = ea[g];
+    qp[g] = {scale[g] * ec[g], emin[g] * ec[g], csum[g]};
+  }
+}
+
 // a full block, up to 8 heads: P = exp(sc - block max) in [emin, 1], then its 8-bit codes. Three passes, so
 // the exps wait only for the block max: (1) the max per head; (2) e = exp(sc - max) in place, its sum and its
-// minimum; (3) the codes of e against [emin, 1]. The per-head scalars (the old state's rescale, the carry to the
-// running max) are two exps across the heads, off the passes' path; the heads' passes are independent chains.
+// minimum; (3) the codes of e against [emin, 1]. The heads' passes are independent chains.
 KV_AVX2 void softmax_codes8_avx2(float (*sc)[kMaxPi], int64_t G, int64_t pi, float* m, float* l, uint8_t* codes,
                                  QParams* qp, float* alpha) {
-  alignas(32) float bmax[8] = {}, mold[8] = {}, emin[8] = {}, esum[8] = {};
+  float bmax[8], emin[8], esum[8], scale[8];
+  int32_t csum[8];
   for (int64_t g = 0; g < G; ++g) {
     __m256 vmx = _mm256_loadu_ps(sc[g]);
     for (int64_t t = 8; t < pi; t += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(sc[g] + t));
-    bmax[g] = hmax8(vmx), mold[g] = m[g];
+    bmax[g] = hmax8(vmx);
   }
   for (int64_t g = 0; g < G; ++g) {
     const __m256 vm = _mm256_set1_ps(bmax[g]);
@@ -425,37 +450,26 @@ KV_AVX2 void softmax_codes8_avx2(float (*sc)[kMaxPi], int64_t G, int64_t pi, flo
     }
     esum[g] = hadd8(sum), emin[g] = hmin8(lo);
   }
-  const __m256 vb = _mm256_load_ps(bmax), vold = _mm256_load_ps(mold);
-  const __m256 vnew = _mm256_max_ps(vold, vb);  // m_new (-inf old state: the block's max)
-  const __m256 vemin = _mm256_load_ps(emin);
-  const __m256 vs = _mm256_div_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), vemin), _mm256_set1_ps(255.f));  // max e = exp(0) = 1
-  const __m256 vinv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.f), vs), _mm256_cmp_ps(vs, _mm256_setzero_ps(), _CMP_GT_OQ));
-  alignas(32) float ea[8], ec[8], sc_p[8], inv_p[8], mnew[8];
-  _mm256_store_ps(ea, kvtier::exp8(_mm256_sub_ps(vold, vnew)));  // exp(-inf) clamps like fast_exp: l, acc are 0
-  _mm256_store_ps(ec, kvtier::exp8(_mm256_sub_ps(vb, vnew)));
-  _mm256_store_ps(sc_p, vs);
-  _mm256_store_ps(inv_p, vinv);
-  _mm256_store_ps(mnew, vnew);
   for (int64_t g = 0; g < G; ++g) {
-    const __m256 vlo = _mm256_set1_ps(emin[g]), vi = _mm256_set1_ps(inv_p[g]);
-    __m256i csum = _mm256_setzero_si256();
+    float inv;
+    p_code_scale(emin[g], scale[g], inv);
+    const __m256 vlo = _mm256_set1_ps(emin[g]), vi = _mm256_set1_ps(inv);
+    __m256i cs = _mm256_setzero_si256();
     for (int64_t t = 0; t < pi; t += 16) {
       const __m256 e0 = _mm256_loadu_ps(sc[g] + t), e1 = _mm256_loadu_ps(sc[g] + t + 8);
       const __m256i c0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(e0, vlo), vi));  // round half to even
       const __m256i c1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(e1, vlo), vi));
-      csum = _mm256_add_epi32(csum, _mm256_add_epi32(c0, c1));
+      cs = _mm256_add_epi32(cs, _mm256_add_epi32(c0, c1));
       const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(c0, c1), 0xd8);  // 16 x int16 in order
       const __m128i b = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + g * pi + t), b);
     }
-    l[g] = l[g] * ea[g] + ec[g] * esum[g];
-    m[g] = mnew[g];
-    alpha[g] = ea[g];
-    __m128i c = _mm_add_epi32(_mm256_castsi256_si128(csum), _mm256_extracti128_si256(csum, 1));
+    __m128i c = _mm_add_epi32(_mm256_castsi256_si128(cs), _mm256_extracti128_si256(cs, 1));
     c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0x4e));
     c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0xb1));
-    qp[g] = {sc_p[g] * ec[g], emin[g] * ec[g], _mm_cvtsi128_si32(c)};
+    csum[g] = _mm_cvtsi128_si32(c);
   }
+  finish_block8(G, bmax, emin, esum, scale, csum, m, l, qp, alpha);
 }
 
 // the open block of one head (no codes): e = exp(sc - m_new) in place, exp(-inf) = 0 past n
@@ -532,6 +546,272 @@ KV_AVX2 void v_epilogue_avx2(float (*acc)[kMaxD], const int32_t* dv, const c10::
   }
 }
 
+// ---- AVX-512 VNNI: the 2/4-bit dots with vpdpbusd (4 byte products summed into an int32 lane, one uop) ------
+//
+// A 64-byte load holds chunks 2kk and 2kk+1 of a group of 16 rows. vpmultishiftqb gathers, per 8-byte lane (4
+// rows of one chunk), 4 consecutive positions of 2 rows into 2 int32 lanes; masked to the code's bits they meet
+// the a-codes' 4-byte words in vpdpbusd. Output (rho, h) takes rows 2 rho, 2 rho + 1 of each lane's 4 and the h-th
+// run of 4 positions of a chunk (2-bit chunks hold 8 positions, 4-bit 4); its low half sums chunk 2kk, its high
+// half chunk 2kk+1, and the two halves are added, and the rows put in order, once at the end of the row group.
+// Sums are exact int32 (the AVX2 path's 16-bit partial sums are not needed).
+#define KV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")))
+
+// positions per chunk and runs of 4 of them: 2-bit 8 and 2, 4-bit 4 and 1
+template <int Bits>
+constexpr int chunk_positions() { return 16 / Bits; }
+
+// control of vpmultishiftqb for output (rho, h): byte b of int32 lane d of each 8-byte lane is the code of row
+// 2 rho + d (bits 16 (2 rho + d) of the lane) at position p = 4 h + b of the chunk, at bit 8 (p % 2) + Bits (p / 2)
+template <int Bits>
+KV_AVX512 inline __m512i gather_control(int rho, int h) {
+  uint64_t ctrl = 0;
+  for (int d = 0; d < 2; ++d)
+    for (int b = 0; b < 4; ++b) {
+      const int p = 4 * h + b, bit = 16 * (2 * rho + d) + 8 * (p % 2) + Bits * (p / 2);
+      ctrl |= static_cast<uint64_t>(bit) << (8 * (4 * d + b));
+    }
+  return _mm512_set1_epi64(static_cast<long long>(ctrl));
+}
+
+// the prepared a-codes: per a-row g, pair of chunks kk and run h, a vector of the 4 a-codes at chunk 2kk's run h
+// in its low 8 lanes and at chunk 2kk+1's in its high 8 (n % 16 == 0, n <= 128)
+template <int Bits>
+KV_AVX512 void prepare_narrow_avx512(const uint8_t* a, int64_t G, int64_t n, void* prepared) {
+  constexpr int cp = chunk_positions<Bits>(), runs = cp / 4;
+  auto* out = static_cast<__m512i*>(prepared);
+  const __mmask64 lo_mask = n >= 64 ? ~0ULL : (1ULL << n) - 1, hi_mask = n > 64 ? ~0ULL >> (128 - n) : 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512i lo = _mm512_maskz_loadu_epi8(lo_mask, a + g * n);  // 4-byte words 0..15 of the row
+    const __m512i hi = _mm512_maskz_loadu_epi8(hi_mask, a + g * n + 64);  // words 16..31
+    for (int64_t kk = 0; kk < n / (2 * cp); ++kk)
+      for (int h = 0; h < runs; ++h) {
+        const int w0 = static_cast<int>((2 * kk * cp) / 4 + h), w1 = w0 + cp / 4;
+        const __m512i idx = _mm512_mask_set1_epi32(_mm512_set1_epi32(w0), 0xFF00, w1);
+        *out++ = _mm512_permutex2var_epi32(lo, idx, hi);
+      }
+  }
+}
+
+KV_AVX512 void prepare_avx512(const uint8_t* a, int64_t G, int64_t n, int bits, void* prepared) {
+  if (bits == 2) prepare_narrow_avx512<2>(a, G, n, prepared);
+  else if (bits == 4) prepare_narrow_avx512<4>(a, G, n, prepared);
+  else prepare_avx2(a, G, n, bits, prepared);
+}
+
+// G a-rows known at compile time: per group of 16 rows, 2 accumulators per a-row (rho)
+template <int Bits, int G>
+KV_AVX512 void dot_narrow_g_avx512(const uint8_t* m, int64_t rows, int64_t n, const void* prepared, int32_t* out,
+                                   int64_t out_stride) {
+  constexpr int cp = chunk_positions<Bits>(), runs = cp / 4;
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << Bits) - 1));
+  __m512i ctrl[2][runs];
+  for (int rho = 0; rho < 2; ++rho)
+    for (int h = 0; h < runs; ++h) ctrl[rho][h] = gather_control<Bits>(rho, h);
+  const __m512i in_order_lo = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);  // row pairs 0..7 from the low halves
+  const __m512i in_order_hi = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);  // ... from the high halves
+  const int64_t pairs = n / (2 * cp), chunks = n / cp;
+  const __m512i* ab = static_cast<const __m512i*>(prepared);
+  for (int64_t rg = 0; rg < rows / 16; ++rg) {
+    __m512i acc[G][2];
+    for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_si512();
+    for (int64_t kk = 0; kk < pairs; ++kk) {
+      const __m512i x = _mm512_loadu_si512(m + (rg * chunks + 2 * kk) * 32);
+      for (int h = 0; h < runs; ++h)
+        for (int rho = 0; rho < 2; ++rho) {
+          const __m512i u = _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl[rho][h], x), mask);
+          for (int g = 0; g < G; ++g)
+            acc[g][rho] = _mm512_dpbusd_epi32(acc[g][rho], _mm512_load_si512(ab + (g * pairs + kk) * runs + h), u);
+        }
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m512i lo = _mm512_permutex2var_epi64(acc[g][0], in_order_lo, acc[g][1]);
+      const __m512i hi = _mm512_permutex2var_epi64(acc[g][0], in_order_hi, acc[g][1]);
+      _mm512_storeu_si512(out + g * out_stride + rg * 16, _mm512_add_epi32(lo, hi));
+    }
+  }
+}
+
+template <int Bits>
+KV_AVX512 void dot_narrow_avx512(const uint8_t* m, int64_t rows, int64_t n, const void* ab, int64_t G, int32_t* out,
+                                 int64_t out_stride) {
+  const int64_t per_row = n / 8;  // prepared vectors per a-row
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {  // at most 4 a-rows per pass: 8 accumulators
+    const void* a = static_cast<const __m512i*>(ab) + g0 * per_row;
+    int32_t* o = out + g0 * out_stride;
+    switch (std::min<int64_t>(4, G - g0)) {
+      case 1: dot_narrow_g_avx512<Bits, 1>(m, rows, n, a, o, out_stride); break;
+      case 2: dot_narrow_g_avx512<Bits, 2>(m, rows, n, a, o, out_stride); break;
+      case 3: dot_narrow_g_avx512<Bits, 3>(m, rows, n, a, o, out_stride); break;
+      default: dot_narrow_g_avx512<Bits, 4>(m, rows, n, a, o, out_stride); break;
+    }
+  }
+}
+
+KV_AVX512 void dot_avx512(const uint8_t* m, int64_t rows, int64_t n, int bits, const void* ab, int64_t G,
+                          int32_t* out, int64_t out_stride) {
+  if (bits == 2) dot_narrow_avx512<2>(m, rows, n, ab, G, out, out_stride);
+  else if (bits == 4) dot_narrow_avx512<4>(m, rows, n, ab, G, out, out_stride);
+  else dot_avx2(m, rows, n, bits, ab, G, out, out_stride);
+}
+
+// exp_nonpos8 on 16 lanes (the same operations)
+KV_AVX512 inline __m512 exp_nonpos16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 shift = _mm512_set1_ps(12582912.0f);
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shift);
+  const __m512 r = _mm512_fnmadd_ps(_mm512_sub_ps(t, shift), _mm512_set1_ps(0.693147180559945f), x);
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  const __m512 p01 = _mm512_fmadd_ps(r, _mm512_set1_ps(0.99999983f), _mm512_set1_ps(1.f));
+  const __m512 p23 = _mm512_fmadd_ps(r, _mm512_set1_ps(0.1666728f), _mm512_set1_ps(0.49999096f));
+  const __m512 p45 = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00831374f), _mm512_set1_ps(0.04190408f));
+  const __m512 p = _mm512_fmadd_ps(r2, _mm512_fmadd_ps(r2, p45, p23), p01);
+  const __m512i n127 = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B400000 - 127));
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(n127, 23)));
+}
+
+enum class Lanes { kMax, kMin, kAdd };
+
+template <Lanes Op>
+KV_AVX512 inline __m512 lanes_op(__m512 a, __m512 b) {
+  if constexpr (Op == Lanes::kMax) return _mm512_max_ps(a, b);
+  else if constexpr (Op == Lanes::kMin) return _mm512_min_ps(a, b);
+  else return _mm512_add_ps(a, b);
+}
+
+// across the 16 lanes, the result in every lane (butterfly of lane swaps)
+template <Lanes Op>
+KV_AVX512 inline __m512 all_lanes16(__m512 v) {
+  v = lanes_op<Op>(v, _mm512_shuffle_f32x4(v, v, 0x4e));
+  v = lanes_op<Op>(v, _mm512_shuffle_f32x4(v, v, 0xb1));
+  v = lanes_op<Op>(v, _mm512_permute_ps(v, 0x4e));
+  return lanes_op<Op>(v, _mm512_permute_ps(v, 0xb1));
+}
+
+// exp8 of vec.h on 16 lanes (the same operations; x clamped to [-87, 88])
+KV_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 shift = _mm512_set1_ps(12582912.0f);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shift), shift);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f),
+                                    _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x));
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  for (float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// a full block of NV * 16 tokens, up to 16 heads, in four passes so no exp waits on another head or on a
+// division: (1) per head, e = exp(sc - block max) in place, its sum and minimum (the max, sum and minimum are
+// butterflies that leave the value in every lane, merged into lane g of a vector across the heads);
+// (2) across the heads at once: P's code scales, the running max, the old state's rescale and the carry;
+// (3) per head, P's codes against [emin, 1]; (4) the heads' scalars out
+template <int NV>
+KV_AVX512 void softmax_codes_avx512(float (*sc)[kMaxPi], int64_t G, float* m, float* l, uint8_t* codes, QParams* qp,
+                                    float* alpha) {
+  __m512 bmax = _mm512_setzero_ps(), emin = _mm512_setzero_ps(), esum = _mm512_setzero_ps();  // lane g: head g
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 e[NV];
+    for (int v = 0; v < NV; ++v) e[v] = _mm512_loadu_ps(sc[g] + 16 * v);
+    __m512 mx = e[0];
+    for (int v = 1; v < NV; ++v) mx = _mm512_max_ps(mx, e[v]);
+    mx = all_lanes16<Lanes::kMax>(mx);
+    __m512 sum = _mm512_setzero_ps(), lo = _mm512_set1_ps(1.f);
+    for (int v = 0; v < NV; ++v) {
+      e[v] = exp_nonpos16(_mm512_sub_ps(e[v], mx));
+      _mm512_storeu_ps(sc[g] + 16 * v, e[v]);
+      sum = _mm512_add_ps(sum, e[v]);
+      lo = _mm512_min_ps(lo, e[v]);
+    }
+    const __mmask16 lane = static_cast<__mmask16>(1u << g);
+    bmax = _mm512_mask_mov_ps(bmax, lane, mx);
+    esum = _mm512_mask_mov_ps(esum, lane, all_lanes16<Lanes::kAdd>(sum));
+    emin = _mm512_mask_mov_ps(emin, lane, all_lanes16<Lanes::kMin>(lo));
+  }
+  const __mmask16 heads = static_cast<__mmask16>((1u << G) - 1);
+  const __m512 scale = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.f), emin), _mm512_set1_ps(255.f));  // p_code_scale
+  const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                         _mm512_set1_ps(1.f), scale);
+  const __m512 mold = _mm512_maskz_loadu_ps(heads, m);
+  const __m512 mnew = _mm512_max_ps(mold, bmax);  // -inf old state: the block's max
+  const __m512 ea = exp16(_mm512_sub_ps(mold, mnew)), ec = exp16(_mm512_sub_ps(bmax, mnew));  // exp(-inf): tiny
+  _mm512_mask_storeu_ps(l, heads, _mm512_fmadd_ps(ec, esum, _mm512_mul_ps(_mm512_maskz_loadu_ps(heads, l), ea)));
+  _mm512_mask_storeu_ps(m, heads, mnew);
+  _mm512_mask_storeu_ps(alpha, heads, ea);
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512i lane = _mm512_set1_epi32(static_cast<int>(g));
+    const __m512 vlo = _mm512_permutexvar_ps(lane, emin), vi = _mm512_permutexvar_ps(lane, inv);
+    __m512i cs = _mm512_setzero_si512();
+    for (int v = 0; v < NV; ++v) {
+      const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sc[g] + 16 * v), vlo), vi);
+      const __m512i c = _mm512_cvtps_epi32(x);  // round half to even
+      cs = _mm512_add_epi32(cs, c);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + g * NV * 16 + 16 * v), _mm512_cvtusepi32_epi8(c));
+    }
+    qp[g].sum = _mm512_reduce_add_epi32(cs);
+  }
+  alignas(64) float ps[16], pm[16];
+  _mm512_store_ps(ps, _mm512_mul_ps(scale, ec));
+  _mm512_store_ps(pm, _mm512_mul_ps(emin, ec));
+  for (int64_t g = 0; g < G; ++g) qp[g].scale = ps[g], qp[g].minimum = pm[g];
+}
+
+KV_AVX512 void softmax_avx512(float (*sc)[kMaxPi], int64_t G, int64_t n, int64_t pi, float* m, float* l,
+                              uint8_t* codes, QParams* qp, float* alpha) {
+  if (!codes || pi % 16) return softmax_avx2(sc, G, n, pi, m, l, codes, qp, alpha);
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(n == pi);
+  switch (pi) {
+    case 16: return softmax_codes_avx512<1>(sc, G, m, l, codes, qp, alpha);
+    case 32: return softmax_codes_avx512<2>(sc, G, m, l, codes, qp, alpha);
+    case 64: return softmax_codes_avx512<4>(sc, G, m, l, codes, qp, alpha);
+    default: return softmax_codes_avx512<8>(sc, G, m, l, codes, qp, alpha);
+  }
+}
+
+// 16 float16 / int16 meta values as floats
+KV_AVX512 inline __m512 half16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+KV_AVX512 inline __m512 int16x16(const int16_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+
+KV_AVX512 inline __m512 int32x16(const int32_t* p) { return _mm512_cvtepi32_ps(_mm512_loadu_si512(p)); }
+
+// k_epilogue_avx2 on 16 tokens at a time (pi % 16 == 0)
+KV_AVX512 void k_epilogue_avx512(float (*sc)[kMaxPi], const int32_t* dot, const c10::Half* ks, const c10::Half* km,
+                                 const int16_t* ksum, const float* A, const float* Bq, const float* C, int64_t G,
+                                 int64_t pi, bool first) {
+  for (int64_t t = 0; t < pi; t += 16) {
+    const __m512 fs = half16(ks + t), fm = half16(km + t), fsum = int16x16(ksum + t);
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 x = _mm512_fmadd_ps(_mm512_set1_ps(Bq[g]), fsum,
+                                       _mm512_mul_ps(_mm512_set1_ps(A[g]), int32x16(dot + g * pi + t)));
+      __m512 v = _mm512_fmadd_ps(fm, _mm512_set1_ps(C[g]), _mm512_mul_ps(fs, x));
+      if (!first) v = _mm512_add_ps(v, _mm512_loadu_ps(sc[g] + t));
+      _mm512_storeu_ps(sc[g] + t, v);
+    }
+  }
+}
+
+// v_epilogue_avx2 on 16 channels at a time (D % 16 == 0)
+KV_AVX512 void v_epilogue_avx512(float (*acc)[kMaxD], const int32_t* dv, const c10::Half* vs, const c10::Half* vm,
+                                 const int16_t* vsum, const float* alpha, const QParams* pq, int64_t G, int64_t D,
+                                 float pi) {
+  for (int64_t d = 0; d < D; d += 16) {
+    const __m512 fs = half16(vs + d), fm = half16(vm + d);
+    const __m512 base = _mm512_fmadd_ps(fs, int16x16(vsum + d), _mm512_mul_ps(_mm512_set1_ps(pi), fm));
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 x = _mm512_fmadd_ps(fs, int32x16(dv + g * D + d),
+                                       _mm512_mul_ps(fm, _mm512_set1_ps(static_cast<float>(pq[g].sum))));
+      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc[g] + d), _mm512_set1_ps(alpha[g]));
+      a = _mm512_fmadd_ps(_mm512_set1_ps(pq[g].scale), x, a);
+      a = _mm512_fmadd_ps(_mm512_set1_ps(pq[g].minimum), base, a);
+      _mm512_storeu_ps(acc[g] + d, a);
+    }
+  }
+}
+
 #endif  // KV_X86
 
 struct Isa {
@@ -546,10 +826,12 @@ struct Isa {
 const Isa kGeneric{"generic", prepare_generic, dot_generic, softmax_generic, k_epilogue_generic, v_epilogue_generic};
 #ifdef KV_X86
 const Isa kAvx2{"avx2", prepare_avx2, dot_avx2, softmax_avx2, k_epilogue_avx2, v_epilogue_avx2};
+const Isa kAvx512{"avx512", prepare_avx512, dot_avx512, softmax_avx512, k_epilogue_avx512, v_epilogue_avx512};
 #endif
 
 Isa pick_isa(const std::string& name) {
 #ifdef KV_X86
+  if ((name == "auto" || name == "avx512") && has_avx512_vnni()) return kAvx512;
   if ((name == "auto" || name == "avx2") && has_avx2()) return kAvx2;
 #endif
   TORCH_CHECK(name == "auto" || name == "generic", "instruction set '", name, "' is not available on this CPU");
@@ -601,8 +883,8 @@ struct DecodeArgs {
 };
 
 struct Scratch {
-  alignas(64) int32_t dot[kMaxG * kMaxD];
-  alignas(64) float sc[kMaxG][kMaxPi];
+  alignas(64) int32_t kdot[kMaxG * kMaxPi], vdot[kMaxG * kMaxD];  // one each: a block's scores overlap the last P.V
+  alignas(64) float sc[2][kMaxG][kMaxPi];                         // scores of two blocks, likewise
   alignas(64) uint8_t pc[kMaxG * kMaxPi];                // P codes of a block, [G][pi]
   alignas(64) uint8_t qprep[kMaxG * kMaxD * kPreparedPerCode];  // Q prepared, per partition (q_prepared)
   alignas(64) uint8_t pprep[kPrepared];                  // P prepared
@@ -613,17 +895,17 @@ struct Scratch {
   uint8_t* q_prepared(int64_t p, int64_t G, int64_t pi) { return qprep + p * G * pi * kPreparedPerCode; }
 };
 
-// scores of block `blk` (n valid tokens) into w.sc, -inf past n
-void block_scores(const DecodeArgs& a, Scratch& w, int64_t b, int64_t h, int64_t blk, int64_t n) {
+// scores of block `blk` (n valid tokens) into sc, -inf past n
+void block_scores(const DecodeArgs& a, Scratch& w, int64_t h, int64_t blk, int64_t n, float (*sc)[kMaxPi]) {
   const int64_t G = a.G, P = a.P, pi = a.pi, M = pi * pi * a.bits / 8;  // bytes of one partition's matrix
   const int64_t bh = blk * a.Hkv + h;
   for (int64_t p = 0; p < P; ++p) {
-    g_isa.dot(a.c.k_codes(bh) + p * M, pi, pi, static_cast<int>(a.bits), w.q_prepared(p, G, pi), G, w.dot, pi);
-    g_isa.k_epilogue(w.sc, w.dot, a.c.k_scale(bh) + p * pi, a.c.k_min(bh) + p * pi, a.c.k_sum(bh) + p * pi,
+    g_isa.dot(a.c.k_codes(bh) + p * M, pi, pi, static_cast<int>(a.bits), w.q_prepared(p, G, pi), G, w.kdot, pi);
+    g_isa.k_epilogue(sc, w.kdot, a.c.k_scale(bh) + p * pi, a.c.k_min(bh) + p * pi, a.c.k_sum(bh) + p * pi,
                      w.qa[p], w.qb[p], w.qc[p], G, pi, p == 0);
   }
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t t = n; t < pi; ++t) w.sc[g][t] = -std::numeric_limits<float>::infinity();
+    for (int64_t t = n; t < pi; ++t) sc[g][t] = -std::numeric_limits<float>::infinity();
 }
 
 // P.V of a full block from codes into w.acc, rescaled by alpha: w.pc holds P's 8-bit codes per head, w.pq their
@@ -632,8 +914,8 @@ void block_pv_codes(const DecodeArgs& a, Scratch& w, int64_t h, int64_t blk, con
   const int64_t G = a.G, D = a.D, pi = a.pi, bh = blk * a.Hkv + h;
   const int bits = static_cast<int>(a.bits);
   g_isa.prepare(w.pc, G, pi, bits, w.pprep);
-  g_isa.dot(a.c.v_codes(bh), D, pi, bits, w.pprep, G, w.dot, D);
-  g_isa.v_epilogue(w.acc, w.dot, a.c.v_scale(bh), a.c.v_min(bh), a.c.v_sum(bh), alpha, w.pq, G, D,
+  g_isa.dot(a.c.v_codes(bh), D, pi, bits, w.pprep, G, w.vdot, D);
+  g_isa.v_epilogue(w.acc, w.vdot, a.c.v_scale(bh), a.c.v_min(bh), a.c.v_sum(bh), alpha, w.pq, G, D,
                    static_cast<float>(pi));
 }
 
@@ -668,21 +950,26 @@ void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
       w.qa[p][g] = qp[0], w.qb[p][g] = qp[1], w.qc[p][g] = qp[0] * qp[2] + static_cast<float>(pi) * qp[1];
     }
   }
-  for (int64_t j = j0; j < std::min(j1, j0 + kAhead); ++j) prefetch_block(a, h, a.tables[b * a.W + j], j < nfull);
-  for (int64_t j = j0; j < j1; ++j) {
-    const int64_t blk = a.tables[b * a.W + j], n = std::min(pi, ctx - j * pi);
-    if (j + kAhead < j1) prefetch_block(a, h, a.tables[b * a.W + j + kAhead], j + kAhead < nfull);
-    block_scores(a, w, b, h, blk, n);
+  auto block_at = [&](int64_t j) { return a.tables[b * a.W + j]; };
+  auto tokens = [&](int64_t j) { return std::min(pi, ctx - j * pi); };
+  for (int64_t j = j0; j < std::min(j1, j0 + kAhead + 1); ++j) prefetch_block(a, h, block_at(j), j < nfull);
+  if (j0 < j1) block_scores(a, w, h, block_at(j0), tokens(j0), w.sc[0]);
+  for (int64_t j = j0; j < j1; ++j) {  // block j's scores are in sc: its softmax, block j + 1's scores, its P.V
+    const int64_t blk = block_at(j), n = tokens(j);
+    float (*sc)[kMaxPi] = w.sc[(j - j0) % 2];
+    if (j + kAhead + 1 < j1) prefetch_block(a, h, block_at(j + kAhead + 1), j + kAhead + 1 < nfull);
     const bool full = j < nfull;
     float alpha[kMaxG];
-    g_isa.softmax(w.sc, G, n, pi, w.m, w.l, full ? w.pc : nullptr, w.pq, alpha);
+    g_isa.softmax(sc, G, n, pi, w.m, w.l, full ? w.pc : nullptr, w.pq, alpha);
+    // the next scores do not wait for this softmax (a chain of short reductions): the core runs them meanwhile
+    if (j + 1 < j1) block_scores(a, w, h, block_at(j + 1), tokens(j + 1), w.sc[(j + 1 - j0) % 2]);
     if (full) {
       block_pv_codes(a, w, h, blk, alpha);
     } else {  // the open block: V from the sequence's 16-bit tail
       const T16* vt = static_cast<const T16*>(a.c.v_tail) + (a.slots[b] * a.Hkv + h) * pi * D;
       for (int64_t g = 0; g < G; ++g) {
         scale_row(w.acc[g], alpha[g], D);
-        tail_accumulate(w.acc[g], w.sc[g], vt, n, D);
+        tail_accumulate(w.acc[g], sc[g], vt, n, D);
       }
     }
   }
@@ -892,11 +1179,20 @@ void hack_write(torch::Tensor cache_blocks, torch::Tensor v_tail, std::vector<in
 
 std::string isa() { return g_isa.name; }
 
+std::vector<std::string> isas() {  // those this CPU can run, best first
+  std::vector<std::string> names;
+  if (has_avx512_vnni()) names.push_back("avx512");
+  if (has_avx2()) names.push_back("avx2");
+  names.push_back("generic");
+  return names;
+}
+
 void set_isa(const std::string& name) { g_isa = pick_isa(name); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hack_decode_attention", &hack_decode_attention, "HACK decode attention on 2/4/8-bit codes");
   m.def("hack_write", &hack_write, "quantize new K/V tokens into a HACK cache");
   m.def("isa", &isa, "instruction set of the integer kernels in use");
-  m.def("set_isa", &set_isa, "choose the integer kernels: 'auto', 'avx2' or 'generic' (tests)");
+  m.def("isas", &isas, "instruction sets this CPU can run, best first");
+  m.def("set_isa", &set_isa, "choose the integer kernels: 'auto', 'avx512', 'avx2' or 'generic' (tests)");
 }
