@@ -9,7 +9,7 @@
 // Instruction sets: the integer dot products (codes unpacked in registers), the four-term epilogues (float16 meta
 // converted on the fly, once for a head group) and the per-block softmax with P's quantization have three
 // versions, the best the CPU has chosen at run time (set_isa forces one, for tests): AVX-512 with VNNI and VBMI
-// (vpdpbusd on 2/4-bit codes gathered by vpmultishiftqb; 16-lane softmax and epilogues), AVX2+FMA+F16C (maddubs)
+// (vpdpbusd on codes gathered by vpmultishiftqb or vpermb; 16-lane softmax and epilogues), AVX2+FMA+F16C (maddubs)
 // and a portable one; the remaining float loops use KV_CLONES. No dequantized K or V is ever formed.
 
 #include "common.h"
@@ -592,10 +592,20 @@ KV_AVX512 void prepare_narrow_avx512(const uint8_t* a, int64_t G, int64_t n, voi
   }
 }
 
+// 8-bit codes (0..255) do not fit vpdpbusd's signed operand, so the a-codes go there, shifted to a - 128 (a ^ 0x80
+// as int8): the a-rows in order, 1 byte per code (dot_wide_g_avx512 broadcasts their 4-byte words)
+KV_AVX512 void prepare_wide_avx512(const uint8_t* a, int64_t G, int64_t n, void* prepared) {
+  auto* out = static_cast<uint8_t*>(prepared);
+  for (int64_t i = 0; i < G * n; i += 64) {
+    const __mmask64 k = G * n - i >= 64 ? ~0ULL : (1ULL << (G * n - i)) - 1;
+    _mm512_mask_storeu_epi8(out + i, k, _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, a + i), _mm512_set1_epi8(-128)));
+  }
+}
+
 KV_AVX512 void prepare_avx512(const uint8_t* a, int64_t G, int64_t n, int bits, void* prepared) {
   if (bits == 2) prepare_narrow_avx512<2>(a, G, n, prepared);
   else if (bits == 4) prepare_narrow_avx512<4>(a, G, n, prepared);
-  else prepare_avx2(a, G, n, bits, prepared);
+  else prepare_wide_avx512(a, G, n, prepared);
 }
 
 // G a-rows known at compile time: per group of 16 rows, 2 accumulators per a-row (rho)
@@ -631,27 +641,59 @@ KV_AVX512 void dot_narrow_g_avx512(const uint8_t* m, int64_t rows, int64_t n, co
   }
 }
 
-template <int Bits>
-KV_AVX512 void dot_narrow_avx512(const uint8_t* m, int64_t rows, int64_t n, const void* ab, int64_t G, int32_t* out,
+// 8-bit, G a-rows known at compile time: vpermb gathers, per row, the 4 positions of chunks 2kk and 2kk+1 (rows in
+// order), the unsigned operand of vpdpbusd against each a-row's word of (a - 128); one more vpdpbusd against ones
+// sums each row's codes, and 128 times that sum restores sum a c (all exact in int32)
+template <int G>
+KV_AVX512 void dot_wide_g_avx512(const uint8_t* m, int64_t rows, int64_t n, const void* prepared, int32_t* out,
                                  int64_t out_stride) {
-  const int64_t per_row = n / 8;  // prepared vectors per a-row
-  for (int64_t g0 = 0; g0 < G; g0 += 4) {  // at most 4 a-rows per pass: 8 accumulators
-    const void* a = static_cast<const __m512i*>(ab) + g0 * per_row;
+  alignas(64) uint8_t order[64];
+  for (int r = 0; r < 16; ++r)
+    for (int b = 0; b < 4; ++b) order[4 * r + b] = static_cast<uint8_t>(32 * (b / 2) + 2 * r + b % 2);
+  const __m512i gather = _mm512_load_si512(order), ones = _mm512_set1_epi8(1);
+  const int32_t* ab = static_cast<const int32_t*>(prepared);
+  const int64_t quads = n / 4;
+  for (int64_t rg = 0; rg < rows / 16; ++rg) {
+    __m512i acc[G], csum = _mm512_setzero_si512();
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_si512();
+    for (int64_t kk = 0; kk < quads; ++kk) {
+      const __m512i x = _mm512_permutexvar_epi8(gather, _mm512_loadu_si512(m + (rg * quads + kk) * 64));
+      csum = _mm512_dpbusd_epi32(csum, x, ones);
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_dpbusd_epi32(acc[g], x, _mm512_set1_epi32(ab[g * quads + kk]));
+    }
+    const __m512i fix = _mm512_slli_epi32(csum, 7);
+    for (int g = 0; g < G; ++g) _mm512_storeu_si512(out + g * out_stride + rg * 16, _mm512_add_epi32(acc[g], fix));
+  }
+}
+
+template <int Bits, int G>
+KV_AVX512 void dot_g_avx512(const uint8_t* m, int64_t rows, int64_t n, const void* ab, int32_t* out,
+                            int64_t out_stride) {
+  if constexpr (Bits == 8) dot_wide_g_avx512<G>(m, rows, n, ab, out, out_stride);
+  else dot_narrow_g_avx512<Bits, G>(m, rows, n, ab, out, out_stride);
+}
+
+template <int Bits>
+KV_AVX512 void dot_bits_avx512(const uint8_t* m, int64_t rows, int64_t n, const void* ab, int64_t G, int32_t* out,
+                               int64_t out_stride) {
+  const int64_t per_row = Bits == 8 ? n : 8 * n;  // prepared bytes per a-row
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {  // at most 4 a-rows per pass: the accumulators stay in registers
+    const uint8_t* a = static_cast<const uint8_t*>(ab) + g0 * per_row;
     int32_t* o = out + g0 * out_stride;
     switch (std::min<int64_t>(4, G - g0)) {
-      case 1: dot_narrow_g_avx512<Bits, 1>(m, rows, n, a, o, out_stride); break;
-      case 2: dot_narrow_g_avx512<Bits, 2>(m, rows, n, a, o, out_stride); break;
-      case 3: dot_narrow_g_avx512<Bits, 3>(m, rows, n, a, o, out_stride); break;
-      default: dot_narrow_g_avx512<Bits, 4>(m, rows, n, a, o, out_stride); break;
+      case 1: dot_g_avx512<Bits, 1>(m, rows, n, a, o, out_stride); break;
+      case 2: dot_g_avx512<Bits, 2>(m, rows, n, a, o, out_stride); break;
+      case 3: dot_g_avx512<Bits, 3>(m, rows, n, a, o, out_stride); break;
+      default: dot_g_avx512<Bits, 4>(m, rows, n, a, o, out_stride); break;
     }
   }
 }
 
 KV_AVX512 void dot_avx512(const uint8_t* m, int64_t rows, int64_t n, int bits, const void* ab, int64_t G,
                           int32_t* out, int64_t out_stride) {
-  if (bits == 2) dot_narrow_avx512<2>(m, rows, n, ab, G, out, out_stride);
-  else if (bits == 4) dot_narrow_avx512<4>(m, rows, n, ab, G, out, out_stride);
-  else dot_avx2(m, rows, n, bits, ab, G, out, out_stride);
+  if (bits == 2) dot_bits_avx512<2>(m, rows, n, ab, G, out, out_stride);
+  else if (bits == 4) dot_bits_avx512<4>(m, rows, n, ab, G, out, out_stride);
+  else dot_bits_avx512<8>(m, rows, n, ab, G, out, out_stride);
 }
 
 // exp_nonpos8 on 16 lanes (the same operations)
