@@ -729,17 +729,12 @@ KV_AVX512 inline __m512 all_lanes16(__m512 v) {
   return lanes_op<Op>(v, _mm512_permute_ps(v, 0xb1));
 }
 
-// exp8 of vec.h on 16 lanes (the same operations; x clamped to [-87, 88])
+// exp8 of vec.h on 16 lanes, as two halves (the across-heads scalars: once a block, not per score)
 KV_AVX512 inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 shift = _mm512_set1_ps(12582912.0f);
-  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shift), shift);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f),
-                                    _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x));
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  for (float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  const __m512d xd = _mm512_castps_pd(x);
+  const __m256 lo = kvtier::exp8(_mm256_castpd_ps(_mm512_castpd512_pd256(xd)));
+  const __m256 hi = kvtier::exp8(_mm256_castpd_ps(_mm512_extractf64x4_pd(xd, 1)));
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
 }
 
 // a full block of NV * 16 tokens, up to 16 heads, in four passes so no exp waits on another head or on a
