@@ -220,6 +220,8 @@ CASES = [  # hq, hkv, d, bits, pi, lens: GQA 1/3/4, contexts off the partition s
     (4, 2, 64, 4, 32, [40]),  # G = 2
     (16, 1, 64, 2, 16, [50, 17]),  # G = 16 (AVX-512: four passes of 4 heads), the smallest partition
     (8, 1, 128, 2, 128, [300]),  # 2-bit partitions of 128: AVX-512's prepared codes from two vectors
+    (4, 2, 64, 8, 32, [70, 33]),  # 8-bit codes in partitions of 32 and of 128 (AVX-512: vpermb per 4 positions)
+    (4, 1, 128, 8, 128, [260]),
 ]
 
 
