@@ -22,7 +22,8 @@
 // one broadcast of x[m][k] and two FMAs per row and k.
 //
 // The AVX2 versions are chosen at run time when the CPU has AVX2+FMA+F16C (set_isa forces one, for tests);
-// the portable ones are compiled per instruction set (KV_CLONES). AVX-512 machines run the AVX2 versions.
+// the portable ones are compiled per instruction set (KV_CLONES). CPUs with AVX-512 VNNI+VBMI run the int4/int8
+// batches with vpdpbusd (the same integer sums, so the same bits), the rest as on AVX2.
 
 #include "common.h"
 
@@ -318,6 +319,60 @@ void bf16_avx2(const c10::BFloat16* w, int64_t K, const float* x, int64_t ldx, i
   for (; r < rows; ++r) bf16_row1_avx2(w, K, x + r * ldx, out + r * kBf16Panel);
 }
 
+
+// ---- AVX-512 VNNI: batches (compute-bound) with vpdpbusd, u8 x s8 quads summed into int32 in one uop ------------
+// The same integer sums as the AVX2 dots (exact either way), so the same bits; one row (memory-bound) stays AVX2.
+#define KV_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+KV_VNNI inline __m256 int4_dot_vnni(const __m256i u[8], const int8_t* xq) {
+  __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();  // two chains
+  for (int j = 0; j < 8; j += 2) {
+    s0 = _mm256_dpbusd_epi32(s0, u[j], bcast4(xq + 4 * j));
+    s1 = _mm256_dpbusd_epi32(s1, u[j + 1], bcast4(xq + 4 * j + 4));
+  }
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+}
+
+KV_VNNI void int4_vnni(const uint8_t* panel, const ActQ& a, int64_t m0, int64_t m1, float* acc) {
+  if (m1 - m0 == 1) return int4_avx2_row(panel, a, m0, acc);
+  for (int64_t g = 0; g < a.G; ++g) {  // int4_avx2's loop
+    const uint8_t* b = panel + g * kInt4Block;
+    __m256i u[8];
+    int4_codes(b, u);
+    const __m256 d = halves8(b + 128), mn = halves8(b + 144);  // int4_fold's operands, converted once a group
+    for (int64_t m = m0; m < m1; ++m) {
+      const __m256 t = int4_dot_vnni(u, a.q.data() + m * a.K + g * kGroup);
+      float* o = acc + (m - m0) * kPanel;
+      const __m256 r = _mm256_fmadd_ps(t, _mm256_mul_ps(d, _mm256_set1_ps(a.s[m * a.G + g])), _mm256_loadu_ps(o));
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(mn, _mm256_set1_ps(a.sum[m * a.G + g]), r));
+    }
+  }
+}
+
+KV_VNNI void int8_vnni(const uint8_t* panel, const ActQ& a, int64_t m0, int64_t m1, float* acc) {
+  if (m1 - m0 == 1) return int8_avx2_row(panel, a, m0, acc);
+  for (int64_t g = 0; g < a.G; ++g) {  // int8_avx2's loop
+    const uint8_t* b = panel + g * kInt8Block;
+    __m256i w[8], aw[8];  // codes of k = 4 j .. 4 j + 3, and their magnitudes (u8, 128 for -128)
+    for (int j = 0; j < 8; ++j) {
+      w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * j));
+      aw[j] = _mm256_sign_epi8(w[j], w[j]);
+    }
+    const __m256 d = halves8(b + 256);
+    for (int64_t m = m0; m < m1; ++m) {
+      const int8_t* xq = a.q.data() + m * a.K + g * kGroup;
+      __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+      for (int j = 0; j < 8; j += 2) {  // |w| x sign(w) x: u8 x s8
+        s0 = _mm256_dpbusd_epi32(s0, aw[j], _mm256_sign_epi8(bcast4(xq + 4 * j), w[j]));
+        s1 = _mm256_dpbusd_epi32(s1, aw[j + 1], _mm256_sign_epi8(bcast4(xq + 4 * j + 4), w[j + 1]));
+      }
+      float* o = acc + (m - m0) * kPanel;
+      const __m256 t = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(t, _mm256_mul_ps(d, _mm256_set1_ps(a.s[m * a.G + g])), _mm256_loadu_ps(o)));
+    }
+  }
+}
+
 #endif  // KV_X86
 
 // ---- instruction-set choice ----------------------------------------------------------------------------
@@ -333,6 +388,7 @@ const Isa kGeneric{"generic", int4_generic, int8_generic, bf16_generic};
 
 Isa pick_isa(const std::string& name) {
 #ifdef KV_X86
+  if ((name == "auto" || name == "avx512") && has_avx512_vnni()) return Isa{"avx512", int4_vnni, int8_vnni, bf16_avx2};
   if ((name == "auto" || name == "avx2") && has_avx2()) return Isa{"avx2", int4_avx2, int8_avx2, bf16_avx2};
 #endif
   TORCH_CHECK(name == "auto" || name == "generic", "instruction set '", name, "' is not available on this CPU");
@@ -449,5 +505,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear", &bf16_linear, "x [M, K] float32 times packed bfloat16 weights");
   m.def("quantize_act", &quantize_act, "the int8 activation codes of the int kernels (for tests)");
   m.def("isa", &isa, "instruction set of the kernels in use");
-  m.def("set_isa", &set_isa, "choose the kernels: 'auto', 'avx2' or 'generic' (tests)");
+  m.def("set_isa", &set_isa, "choose the kernels: 'auto', 'avx512', 'avx2' or 'generic' (tests)");
 }
