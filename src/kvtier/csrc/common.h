@@ -39,7 +39,9 @@ inline bool has_avx2() {
 #endif
 }
 
-// AVX-512 with the byte dot product (VNNI) and byte shuffles (VBMI): Ice Lake and later, Zen 4 and later.
+// AVX-512 with the byte dot product (VNNI) and byte shuffles (VBMI): Ice Lake and later, Zen 4 and later. Code for
+// it carries KV_AVX512_VNNI, the same feature set, and runs only where has_avx512_vnni() holds.
+#define KV_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")))
 inline bool has_avx512_vnni() {
 #ifdef KV_X86
   __builtin_cpu_init();

@@ -554,7 +554,6 @@ KV_AVX2 void v_epilogue_avx2(float (*acc)[kMaxD], const int32_t* dv, const c10::
 // run of 4 positions of a chunk (2-bit chunks hold 8 positions, 4-bit 4); its low half sums chunk 2kk, its high
 // half chunk 2kk+1, and the two halves are added, and the rows put in order, once at the end of the row group.
 // Sums are exact int32 (the AVX2 path's 16-bit partial sums are not needed).
-#define KV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")))
 
 // positions per chunk and runs of 4 of them: 2-bit 8 and 2, 4-bit 4 and 1
 template <int Bits>
@@ -563,7 +562,7 @@ constexpr int chunk_positions() { return 16 / Bits; }
 // control of vpmultishiftqb for output (rho, h): byte b of int32 lane d of each 8-byte lane is the code of row
 // 2 rho + d (bits 16 (2 rho + d) of the lane) at position p = 4 h + b of the chunk, at bit 8 (p % 2) + Bits (p / 2)
 template <int Bits>
-KV_AVX512 inline __m512i gather_control(int rho, int h) {
+KV_AVX512_VNNI inline __m512i gather_control(int rho, int h) {
   uint64_t ctrl = 0;
   for (int d = 0; d < 2; ++d)
     for (int b = 0; b < 4; ++b) {
@@ -576,7 +575,7 @@ KV_AVX512 inline __m512i gather_control(int rho, int h) {
 // the prepared a-codes: per a-row g, pair of chunks kk and run h, a vector of the 4 a-codes at chunk 2kk's run h
 // in its low 8 lanes and at chunk 2kk+1's in its high 8 (n % 16 == 0, n <= 128)
 template <int Bits>
-KV_AVX512 void prepare_narrow_avx512(const uint8_t* a, int64_t G, int64_t n, void* prepared) {
+KV_AVX512_VNNI void prepare_narrow_avx512(const uint8_t* a, int64_t G, int64_t n, void* prepared) {
   constexpr int cp = chunk_positions<Bits>(), runs = cp / 4;
   auto* out = static_cast<__m512i*>(prepared);
   const __mmask64 lo_mask = n >= 64 ? ~0ULL : (1ULL << n) - 1, hi_mask = n > 64 ? ~0ULL >> (128 - n) : 0;
@@ -594,7 +593,7 @@ KV_AVX512 void prepare_narrow_avx512(const uint8_t* a, int64_t G, int64_t n, voi
 
 // 8-bit codes (0..255) do not fit vpdpbusd's signed operand, so the a-codes go there, shifted to a - 128 (a ^ 0x80
 // as int8): the a-rows in order, 1 byte per code (dot_wide_g_avx512 broadcasts their 4-byte words)
-KV_AVX512 void prepare_wide_avx512(const uint8_t* a, int64_t G, int64_t n, void* prepared) {
+KV_AVX512_VNNI void prepare_wide_avx512(const uint8_t* a, int64_t G, int64_t n, void* prepared) {
   auto* out = static_cast<uint8_t*>(prepared);
   for (int64_t i = 0; i < G * n; i += 64) {
     const __mmask64 k = G * n - i >= 64 ? ~0ULL : (1ULL << (G * n - i)) - 1;
@@ -602,7 +601,7 @@ KV_AVX512 void prepare_wide_avx512(const uint8_t* a, int64_t G, int64_t n, void*
   }
 }
 
-KV_AVX512 void prepare_avx512(const uint8_t* a, int64_t G, int64_t n, int bits, void* prepared) {
+KV_AVX512_VNNI void prepare_avx512(const uint8_t* a, int64_t G, int64_t n, int bits, void* prepared) {
   if (bits == 2) prepare_narrow_avx512<2>(a, G, n, prepared);
   else if (bits == 4) prepare_narrow_avx512<4>(a, G, n, prepared);
   else prepare_wide_avx512(a, G, n, prepared);
@@ -610,7 +609,7 @@ KV_AVX512 void prepare_avx512(const uint8_t* a, int64_t G, int64_t n, int bits, 
 
 // G a-rows known at compile time: per group of 16 rows, 2 accumulators per a-row (rho)
 template <int Bits, int G>
-KV_AVX512 void dot_narrow_g_avx512(const uint8_t* m, int64_t rows, int64_t n, const void* prepared, int32_t* out,
+KV_AVX512_VNNI void dot_narrow_g_avx512(const uint8_t* m, int64_t rows, int64_t n, const void* prepared, int32_t* out,
                                    int64_t out_stride) {
   constexpr int cp = chunk_positions<Bits>(), runs = cp / 4;
   const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << Bits) - 1));
@@ -645,7 +644,7 @@ KV_AVX512 void dot_narrow_g_avx512(const uint8_t* m, int64_t rows, int64_t n, co
 // order), the unsigned operand of vpdpbusd against each a-row's word of (a - 128); one more vpdpbusd against ones
 // sums each row's codes, and 128 times that sum restores sum a c (all exact in int32)
 template <int G>
-KV_AVX512 void dot_wide_g_avx512(const uint8_t* m, int64_t rows, int64_t n, const void* prepared, int32_t* out,
+KV_AVX512_VNNI void dot_wide_g_avx512(const uint8_t* m, int64_t rows, int64_t n, const void* prepared, int32_t* out,
                                  int64_t out_stride) {
   alignas(64) uint8_t order[64];
   for (int r = 0; r < 16; ++r)
@@ -667,14 +666,14 @@ KV_AVX512 void dot_wide_g_avx512(const uint8_t* m, int64_t rows, int64_t n, cons
 }
 
 template <int Bits, int G>
-KV_AVX512 void dot_g_avx512(const uint8_t* m, int64_t rows, int64_t n, const void* ab, int32_t* out,
+KV_AVX512_VNNI void dot_g_avx512(const uint8_t* m, int64_t rows, int64_t n, const void* ab, int32_t* out,
                             int64_t out_stride) {
   if constexpr (Bits == 8) dot_wide_g_avx512<G>(m, rows, n, ab, out, out_stride);
   else dot_narrow_g_avx512<Bits, G>(m, rows, n, ab, out, out_stride);
 }
 
 template <int Bits>
-KV_AVX512 void dot_bits_avx512(const uint8_t* m, int64_t rows, int64_t n, const void* ab, int64_t G, int32_t* out,
+KV_AVX512_VNNI void dot_bits_avx512(const uint8_t* m, int64_t rows, int64_t n, const void* ab, int64_t G, int32_t* out,
                                int64_t out_stride) {
   const int64_t per_row = Bits == 8 ? n : 8 * n;  // prepared bytes per a-row
   for (int64_t g0 = 0; g0 < G; g0 += 4) {  // at most 4 a-rows per pass: the accumulators stay in registers
@@ -689,7 +688,7 @@ KV_AVX512 void dot_bits_avx512(const uint8_t* m, int64_t rows, int64_t n, const 
   }
 }
 
-KV_AVX512 void dot_avx512(const uint8_t* m, int64_t rows, int64_t n, int bits, const void* ab, int64_t G,
+KV_AVX512_VNNI void dot_avx512(const uint8_t* m, int64_t rows, int64_t n, int bits, const void* ab, int64_t G,
                           int32_t* out, int64_t out_stride) {
   if (bits == 2) dot_bits_avx512<2>(m, rows, n, ab, G, out, out_stride);
   else if (bits == 4) dot_bits_avx512<4>(m, rows, n, ab, G, out, out_stride);
@@ -697,7 +696,7 @@ KV_AVX512 void dot_avx512(const uint8_t* m, int64_t rows, int64_t n, int bits, c
 }
 
 // exp_nonpos8 on 16 lanes (the same operations)
-KV_AVX512 inline __m512 exp_nonpos16(__m512 x) {
+KV_AVX512_VNNI inline __m512 exp_nonpos16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 shift = _mm512_set1_ps(12582912.0f);
   const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shift);
@@ -714,7 +713,7 @@ KV_AVX512 inline __m512 exp_nonpos16(__m512 x) {
 enum class Lanes { kMax, kMin, kAdd };
 
 template <Lanes Op>
-KV_AVX512 inline __m512 lanes_op(__m512 a, __m512 b) {
+KV_AVX512_VNNI inline __m512 lanes_op(__m512 a, __m512 b) {
   if constexpr (Op == Lanes::kMax) return _mm512_max_ps(a, b);
   else if constexpr (Op == Lanes::kMin) return _mm512_min_ps(a, b);
   else return _mm512_add_ps(a, b);
@@ -722,7 +721,7 @@ KV_AVX512 inline __m512 lanes_op(__m512 a, __m512 b) {
 
 // across the 16 lanes, the result in every lane (butterfly of lane swaps)
 template <Lanes Op>
-KV_AVX512 inline __m512 all_lanes16(__m512 v) {
+KV_AVX512_VNNI inline __m512 all_lanes16(__m512 v) {
   v = lanes_op<Op>(v, _mm512_shuffle_f32x4(v, v, 0x4e));
   v = lanes_op<Op>(v, _mm512_shuffle_f32x4(v, v, 0xb1));
   v = lanes_op<Op>(v, _mm512_permute_ps(v, 0x4e));
@@ -730,7 +729,7 @@ KV_AVX512 inline __m512 all_lanes16(__m512 v) {
 }
 
 // exp8 of vec.h on 16 lanes, as two halves (the across-heads scalars: once a block, not per score)
-KV_AVX512 inline __m512 exp16(__m512 x) {
+KV_AVX512_VNNI inline __m512 exp16(__m512 x) {
   const __m512d xd = _mm512_castps_pd(x);
   const __m256 lo = kvtier::exp8(_mm256_castpd_ps(_mm512_castpd512_pd256(xd)));
   const __m256 hi = kvtier::exp8(_mm256_castpd_ps(_mm512_extractf64x4_pd(xd, 1)));
@@ -743,7 +742,7 @@ KV_AVX512 inline __m512 exp16(__m512 x) {
 // (2) across the heads at once: P's code scales, the running max, the old state's rescale and the carry;
 // (3) per head, P's codes against [emin, 1]; (4) the heads' scalars out
 template <int NV>
-KV_AVX512 void softmax_codes_avx512(float (*sc)[kMaxPi], int64_t G, float* m, float* l, uint8_t* codes, QParams* qp,
+KV_AVX512_VNNI void softmax_codes_avx512(float (*sc)[kMaxPi], int64_t G, float* m, float* l, uint8_t* codes, QParams* qp,
                                     float* alpha) {
   __m512 bmax = _mm512_setzero_ps(), emin = _mm512_setzero_ps(), esum = _mm512_setzero_ps();  // lane g: head g
   for (int64_t g = 0; g < G; ++g) {
@@ -792,7 +791,7 @@ KV_AVX512 void softmax_codes_avx512(float (*sc)[kMaxPi], int64_t G, float* m, fl
   for (int64_t g = 0; g < G; ++g) qp[g].scale = ps[g], qp[g].minimum = pm[g];
 }
 
-KV_AVX512 void softmax_avx512(float (*sc)[kMaxPi], int64_t G, int64_t n, int64_t pi, float* m, float* l,
+KV_AVX512_VNNI void softmax_avx512(float (*sc)[kMaxPi], int64_t G, int64_t n, int64_t pi, float* m, float* l,
                               uint8_t* codes, QParams* qp, float* alpha) {
   if (!codes || pi % 16) return softmax_avx2(sc, G, n, pi, m, l, codes, qp, alpha);
   TORCH_INTERNAL_ASSERT_DEBUG_ONLY(n == pi);
@@ -805,18 +804,18 @@ KV_AVX512 void softmax_avx512(float (*sc)[kMaxPi], int64_t G, int64_t n, int64_t
 }
 
 // 16 float16 / int16 meta values as floats
-KV_AVX512 inline __m512 half16(const c10::Half* p) {
+KV_AVX512_VNNI inline __m512 half16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-KV_AVX512 inline __m512 int16x16(const int16_t* p) {
+KV_AVX512_VNNI inline __m512 int16x16(const int16_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 }
 
-KV_AVX512 inline __m512 int32x16(const int32_t* p) { return _mm512_cvtepi32_ps(_mm512_loadu_si512(p)); }
+KV_AVX512_VNNI inline __m512 int32x16(const int32_t* p) { return _mm512_cvtepi32_ps(_mm512_loadu_si512(p)); }
 
 // k_epilogue_avx2 on 16 tokens at a time (pi % 16 == 0)
-KV_AVX512 void k_epilogue_avx512(float (*sc)[kMaxPi], const int32_t* dot, const c10::Half* ks, const c10::Half* km,
+KV_AVX512_VNNI void k_epilogue_avx512(float (*sc)[kMaxPi], const int32_t* dot, const c10::Half* ks, const c10::Half* km,
                                  const int16_t* ksum, const float* A, const float* Bq, const float* C, int64_t G,
                                  int64_t pi, bool first) {
   for (int64_t t = 0; t < pi; t += 16) {
@@ -832,7 +831,7 @@ KV_AVX512 void k_epilogue_avx512(float (*sc)[kMaxPi], const int32_t* dot, const 
 }
 
 // v_epilogue_avx2 on 16 channels at a time (D % 16 == 0)
-KV_AVX512 void v_epilogue_avx512(float (*acc)[kMaxD], const int32_t* dv, const c10::Half* vs, const c10::Half* vm,
+KV_AVX512_VNNI void v_epilogue_avx512(float (*acc)[kMaxD], const int32_t* dv, const c10::Half* vs, const c10::Half* vm,
                                  const int16_t* vsum, const float* alpha, const QParams* pq, int64_t G, int64_t D,
                                  float pi) {
   for (int64_t d = 0; d < D; d += 16) {

@@ -255,16 +255,22 @@ KV_AVX2 void int8_avx2_row(const uint8_t* panel, const ActQ& a, int64_t m, float
   _mm256_storeu_ps(acc, r);
 }
 
+// a group's codes of k = 4 j .. 4 j + 3 for the 8 columns, and their magnitudes (u8, 128 for -128); always inlined,
+// so the 16 vectors stay in registers for the rows' loop
+KV_AVX2 __attribute__((always_inline)) inline void int8_codes(const uint8_t* b, __m256i w[8], __m256i aw[8]) {
+  for (int j = 0; j < 8; ++j) {
+    w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * j));
+    aw[j] = _mm256_sign_epi8(w[j], w[j]);
+  }
+}
+
 KV_AVX2 void int8_avx2(const uint8_t* panel, const ActQ& a, int64_t m0, int64_t m1, float* acc) {
   if (m1 - m0 == 1) return int8_avx2_row(panel, a, m0, acc);
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t g = 0; g < a.G; ++g) {
     const uint8_t* b = panel + g * kInt8Block;
-    __m256i w[8], aw[8];  // codes of k = 4 j .. 4 j + 3, and their magnitudes (u8, 128 for -128)
-    for (int j = 0; j < 8; ++j) {
-      w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * j));
-      aw[j] = _mm256_sign_epi8(w[j], w[j]);
-    }
+    __m256i w[8], aw[8];
+    int8_codes(b, w, aw);
     const __m256 d = halves8(b + 256);
     for (int64_t m = m0; m < m1; ++m) {
       const int8_t* xq = a.q.data() + m * a.K + g * kGroup;
@@ -319,12 +325,10 @@ void bf16_avx2(const c10::BFloat16* w, int64_t K, const float* x, int64_t ldx, i
   for (; r < rows; ++r) bf16_row1_avx2(w, K, x + r * ldx, out + r * kBf16Panel);
 }
 
-
 // ---- AVX-512 VNNI: batches (compute-bound) with vpdpbusd, u8 x s8 quads summed into int32 in one uop ------------
 // The same integer sums as the AVX2 dots (exact either way), so the same bits; one row (memory-bound) stays AVX2.
-#define KV_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
-KV_VNNI inline __m256 int4_dot_vnni(const __m256i u[8], const int8_t* xq) {
+KV_AVX512_VNNI inline __m256 int4_dot_vnni(const __m256i u[8], const int8_t* xq) {
   __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();  // two chains
   for (int j = 0; j < 8; j += 2) {
     s0 = _mm256_dpbusd_epi32(s0, u[j], bcast4(xq + 4 * j));
@@ -333,7 +337,7 @@ KV_VNNI inline __m256 int4_dot_vnni(const __m256i u[8], const int8_t* xq) {
   return _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
 }
 
-KV_VNNI void int4_vnni(const uint8_t* panel, const ActQ& a, int64_t m0, int64_t m1, float* acc) {
+KV_AVX512_VNNI void int4_vnni(const uint8_t* panel, const ActQ& a, int64_t m0, int64_t m1, float* acc) {
   if (m1 - m0 == 1) return int4_avx2_row(panel, a, m0, acc);
   for (int64_t g = 0; g < a.G; ++g) {  // int4_avx2's loop
     const uint8_t* b = panel + g * kInt4Block;
@@ -349,15 +353,12 @@ KV_VNNI void int4_vnni(const uint8_t* panel, const ActQ& a, int64_t m0, int64_t 
   }
 }
 
-KV_VNNI void int8_vnni(const uint8_t* panel, const ActQ& a, int64_t m0, int64_t m1, float* acc) {
+KV_AVX512_VNNI void int8_vnni(const uint8_t* panel, const ActQ& a, int64_t m0, int64_t m1, float* acc) {
   if (m1 - m0 == 1) return int8_avx2_row(panel, a, m0, acc);
   for (int64_t g = 0; g < a.G; ++g) {  // int8_avx2's loop
     const uint8_t* b = panel + g * kInt8Block;
-    __m256i w[8], aw[8];  // codes of k = 4 j .. 4 j + 3, and their magnitudes (u8, 128 for -128)
-    for (int j = 0; j < 8; ++j) {
-      w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * j));
-      aw[j] = _mm256_sign_epi8(w[j], w[j]);
-    }
+    __m256i w[8], aw[8];
+    int8_codes(b, w, aw);
     const __m256 d = halves8(b + 256);
     for (int64_t m = m0; m < m1; ++m) {
       const int8_t* xq = a.q.data() + m * a.K + g * kGroup;
