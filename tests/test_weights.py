@@ -85,6 +85,36 @@ def test_portable_kernels_match_the_vector_ones(fmt, isa):
     assert torch.equal(slow, fast)
 
 
+def float32_panel_layer(w: torch.Tensor, b: torch.Tensor | None = None):
+    lin = make_linear(w, b, "float32")
+    if lin.panels is None:
+        pytest.skip("kvtier's float32 panels run on AVX-512 CPUs (oneDNN serves batches here)")
+    return lin
+
+
+@pytest.mark.parametrize("rows", [2, 9, 70])
+def test_float32_panels_against_float64(rows):
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(200, 320, generator=g) * 0.05, torch.randn(200, generator=g)  # a partial last panel
+    x = torch.randn(rows, 320, generator=g)
+    y = float32_panel_layer(w, b)(x)
+    assert y.shape == (rows, 200) and rel_err(y, x.double() @ w.double().T + b.double()) < 1e-5
+
+
+def test_float32_panels_portable_kernel_gives_the_same_bits_and_rows_do_not_depend_on_the_batch():
+    w, x = torch.randn(100, 96) * 0.1, torch.randn(11, 96)
+    lin, mod = float32_panel_layer(w), ext.load("qlinear")
+    fast = lin(x)
+    try:
+        mod.set_isa("generic")
+        slow = lin(x)
+    finally:
+        mod.set_isa("auto")
+    assert torch.equal(slow, fast)
+    for i in range(x.shape[0] - 1):  # tiles of 8 rows and the tails of 1..7: each row sums alike
+        assert torch.equal(fast[i: i + 2], lin(x[i: i + 2]))
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_embedding_rows_are_the_dequantized_weight(fmt):
     w = torch.randn(50, 64)

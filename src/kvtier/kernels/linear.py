@@ -1,8 +1,12 @@
 """Dense linear layers on CPU: a streaming GEMV for one row (batch-1 decode, at the memory
-bandwidth), oneDNN prepacked weights for more rows; F.linear elsewhere.
+bandwidth); for more rows kvtier's float32 panels (``csrc/qlinear.cpp``: 48 output columns per panel,
+the next panel prefetched) on CPUs with AVX-512, oneDNN prepacked weights elsewhere; F.linear on
+other devices.
 
 MKL repacks the weight matrix on every call for small batches; packing once at load time makes
-small-batch decode up to 1.5x faster (benchmarks/bench_generate.py).
+small-batch decode up to 1.5x faster, and kvtier's panels beat oneDNN's packed GEMM where decode
+streams the weights from memory (1.1-1.3x at 32 rows, 1.4-1.7x at 8 rows, Zen 5;
+benchmarks/bench_generate.py).
 """
 
 from __future__ import annotations
@@ -11,6 +15,34 @@ import torch
 import torch.nn.functional as F
 
 from kvtier.kernels import ext
+
+F32_PANEL = 48  # output columns per panel of kvtier's float32 GEMM
+
+
+def _panel_kernels():
+    """The compiled module whose float32 panel GEMM has a vector kernel on this CPU (AVX-512), or None."""
+    fast = ext.load("qlinear")
+    return fast if fast is not None and fast.isa() == "avx512" else None
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` [out, in] float32 as kvtier's panels [P, in, 48] (columns padded with zeros to P * 48),
+    or None where that kernel does not run (another dtype or device, no AVX-512)."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or _panel_kernels() is None:
+        return None
+    n, k = weight.shape
+    p = -(-n // F32_PANEL)
+    w = F.pad(weight, (0, 0, 0, p * F32_PANEL - n))
+    return w.view(p, F32_PANEL, k).transpose(1, 2).contiguous()
+
+
+def panel_linear(x: torch.Tensor, panels: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    # x: [T, in] float32, panels: pack_panels(weight [out, in]) -> [T, out]
+    fast = ext.load("qlinear")
+    if fast is None:  # the compiled modules turned off after packing (the tests' reference path)
+        return F.linear(x, weight, bias)
+    return fast.f32_linear(x, panels, bias, weight.shape[0])
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:

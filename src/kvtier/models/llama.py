@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kvtier.kernels import ops
-from kvtier.kernels.linear import linear, pack_weight, packed_linear
+from kvtier.kernels.linear import linear, pack_panels, pack_weight, packed_linear, panel_linear
 from kvtier.kernels.qlinear import BF16Linear, IntLinear, QuantizedWeight
 from kvtier.kv.cache import AttentionMetadata, TieredKVCache
 from kvtier.models.config import ModelConfig
@@ -20,19 +20,23 @@ from kvtier.models.weight_formats import HEAD_FORMAT, cat_weights
 
 
 class Linear:
-    """``y = x @ W^T + b``. On CPU a oneDNN-packed copy of the weight serves batches of two rows or
-    more; one row streams the plain weight (GEMV). The other weight formats (``kernels/qlinear.py``)
-    have the same interface: ``__call__``, ``rows`` (embedding lookup), ``nbytes``."""
+    """``y = x @ W^T + b``. On CPU a packed copy of the weight serves batches of two rows or more:
+    kvtier's float32 panels on AVX-512 CPUs, else oneDNN's; one row streams the plain weight (GEMV).
+    The other weight formats (``kernels/qlinear.py``) have the same interface: ``__call__``, ``rows``
+    (embedding lookup), ``nbytes``."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True):
         self.out_features, self.in_features = weight.shape  # weight: [out, in]
         self.weight = weight.contiguous()
         self.bias = bias
         self.nbytes = sum(t.numel() * t.element_size() for t in (weight, bias) if t is not None)
-        self.packed = pack_weight(weight) if pack else None
+        self.panels = pack_panels(self.weight) if pack else None
+        self.packed = pack_weight(weight) if pack and self.panels is None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] > 1:
+        if x.shape[0] > 1 and self.panels is not None:
+            return panel_linear(x, self.panels, self.weight, self.bias)
+        if x.shape[0] > 1 and self.packed is not None:
             return packed_linear(x, self.packed, self.bias)
         return linear(x, self.weight, self.bias)
 
