@@ -5,7 +5,7 @@
 //    Q4_0 is m = -8 d);
 //  - int8: groups of 32 along K, symmetric: w = d q, q in -127..127, d float16 (GGUF Q8_0 as it is);
 //  - bf16: bfloat16 weights, float32 activations and accumulation;
-//  - f32: float32 weights (the float32 format's batches, on AVX-512 CPUs).
+//  - f32: float32 weights (the float32 format's batches, where the avx512 kernels run).
 //
 // int4 / int8: every activation row is quantized per group of 32 to int8 (s = max|x| / 127, q = round(x / s),
 // plus the exact float sum of the group for the asymmetric term), as llama.cpp does with its Q8 blocks; the

@@ -1,7 +1,7 @@
 """Dense linear layers on CPU: a streaming GEMV for one row (batch-1 decode, at the memory
 bandwidth); for more rows kvtier's float32 panels (``csrc/qlinear.cpp``: 48 output columns per panel,
-the next panel prefetched) on CPUs with AVX-512, oneDNN prepacked weights elsewhere; F.linear on
-other devices.
+the next panel prefetched) on CPUs with AVX-512 VNNI (qlinear's "avx512" kernels), oneDNN prepacked
+weights elsewhere; F.linear on other devices.
 
 MKL repacks the weight matrix on every call for small batches; packing once at load time makes
 small-batch decode up to 1.5x faster, and kvtier's panels beat oneDNN's packed GEMM where decode
@@ -20,14 +20,14 @@ F32_PANEL = 48  # output columns per panel of kvtier's float32 GEMM
 
 
 def _panel_kernels():
-    """The compiled module whose float32 panel GEMM has a vector kernel on this CPU (AVX-512), or None."""
+    """The compiled module whose float32 panel GEMM has a vector kernel on this CPU (AVX-512 VNNI), or None."""
     fast = ext.load("qlinear")
     return fast if fast is not None and fast.isa() == "avx512" else None
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor | None:
     """``weight`` [out, in] float32 as kvtier's panels [P, in, 48] (columns padded with zeros to P * 48),
-    or None where that kernel does not run (another dtype or device, no AVX-512)."""
+    or None where that kernel does not run (another dtype or device, no AVX-512 VNNI)."""
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or _panel_kernels() is None:
         return None
     n, k = weight.shape
