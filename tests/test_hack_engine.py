@@ -126,9 +126,10 @@ def test_writes_go_in_batch_order_per_tier_run(default_loaded):
         slot_of = np.array([4, 5, 6, 7, 8])
 
     cache.placement = Placement()
+    cache.parts, cache.part_of, cache.base_of = [None, None], np.array([0, 1]), np.zeros(2, dtype=np.int64)
     pos = np.arange(5)
     writes = cache._writes(pos, pos, pos)
-    assert [(w.target, w.slots.tolist()) for w in writes] == [(1, [4, 5]), (0, [6, 7]), (1, [8])]
+    assert [(w.part, w.slots.tolist()) for w in writes] == [(1, [4, 5]), (0, [6, 7]), (1, [8])]
 
 
 def test_preemption_recomputes_over_hack(default_loaded, prompts):

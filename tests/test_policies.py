@@ -104,6 +104,45 @@ def test_kcache_reads_only_top_n_v_rows(default_loaded):
     assert set(engine.kv_usage()) == {"device", "host"}  # K on the device, V on the host
 
 
+def _step_logits(engine: LLMEngine) -> list[torch.Tensor]:
+    """Every step's logits [N, V] over PROMPTS."""
+    seen, run = [], engine.runner.run
+
+    def recording(*args, **kwargs):
+        seqs, logits = run(*args, **kwargs)
+        seen.append(logits.clone())
+        return seqs, logits
+
+    engine.runner.run = recording
+    LLM.from_engine(engine).generate(PROMPTS, PARAMS, False)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["static", "dynamic"])
+def test_tiers_in_one_memory_give_the_plain_logits_bit_for_bit(name, default_loaded):
+    """On a CPU-only machine the device and host tiers are one memory: their targets share a storage and
+    decode attention runs once over whole tables, so every logit equals the plain engine's bit for bit (two
+    passes merged by log-sum-exp differ in the last bits, which int8 activations turn into other tokens)."""
+    plain = LLMEngine(EngineConfig(block_size=BLOCK, max_model_len=MAX_LEN, **CASES["plain"]), loaded=default_loaded)
+    tiered = LLMEngine(EngineConfig(kv_policy=name, block_size=BLOCK, max_model_len=MAX_LEN, **CASES[name]),
+                       loaded=default_loaded)
+    assert len(tiered.storages) == 2 and len(tiered.cache.parts) == 1
+    ref, got = _step_logits(plain), _step_logits(tiered)
+    assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    assert tiered.kv_stats.totals.bytes_read["host"] > 0
+
+
+def test_a_disk_tier_keeps_its_own_storage(default_loaded, tmp_path):
+    engine = LLMEngine(EngineConfig(kv_policy="static", block_size=BLOCK, max_model_len=MAX_LEN,
+                                    kv_tiers="device=4blocks,host=8blocks,disk=64blocks", kv_disk_dir=str(tmp_path)),
+                       loaded=default_loaded)
+    device, host, disk = engine.storages
+    assert device.whole is host.whole and (device.base, host.base) == (0, 4) and disk.whole is disk
+    assert engine.cache.parts == [device.whole, disk]
+    assert device.k.data_ptr() == device.whole.k.data_ptr() and host.k[0, 0].data_ptr() == device.whole.k[0, 4].data_ptr()
+    assert host.nbytes == 8 * engine.layout.block_bytes
+
+
 @pytest.mark.parametrize("runs_share", [1.0, 0.0], ids=["runs", "rows"])
 @pytest.mark.parametrize("name", ["static", "dynamic"])
 def test_fetched_decode_keeps_the_plain_arithmetic(name, runs_share, default_loaded, monkeypatch):

@@ -29,7 +29,7 @@ from kvtier.kv.hack_storage import HackStorage, allocate_tails
 from kvtier.kv.hack_storage import unsupported as hack_unsupported
 from kvtier.kv.manager import KVManager
 from kvtier.kv.setup import plan_kv
-from kvtier.kv.storage import KVLayout, KVStorage, check_disk_dir, memories
+from kvtier.kv.storage import KVLayout, check_disk_dir, make_storages, memories
 from kvtier.kv.tiers import TierBudget
 from kvtier.kv.trace import TraceWriter
 from kvtier.models.loader import LoadedModel, load_model
@@ -135,7 +135,7 @@ class LLMEngine:
     def _storages(self, targets, mems, device: torch.device) -> list:
         lay = self.layout
         if lay.fmt is None:
-            return [KVStorage(lay, t, mems) for t in targets]
+            return make_storages(lay, targets, mems)
         self._check_hack(targets, mems, device)
         self.kv_tails = allocate_tails(lay, self.config.max_num_seqs, mems["device"])
         return [HackStorage(lay, t, mems, self.kv_tails) for t in targets]

@@ -1,17 +1,19 @@
 """The paged KV cache as the model sees it: write the new K/V, attend over a step's batch, wherever
 the blocks live.
 
-Blocks are spread over storage targets (memory tiers); ``prepare`` turns a step's block tables
-(logical ids) into per-target slot tables once, and every layer then writes each new token into its
-block's target and runs decode attention per target, merging the partial results by log-sum-exp:
-exact, so lossless policies give the plain engine's tokens. A GPU engine with blocks off the GPU
-instead fetches them and attends over whole tables (``kv/fetch.py``). A step's flat batch puts
-decode tokens first (one per sequence), then prefill chunks, each attending to its sequence's cached
-prefix plus itself, causally. When asked, decode attention also reports the attention mass of every
-block.
+Blocks are spread over storage targets (memory tiers). Targets kept in the same memory share one
+storage (``make_storages``), a *part*: ``prepare`` turns a step's block tables (logical ids) into
+per-part slot tables once, and every layer then writes each new token into its block's part and runs
+decode attention once per part, merging the partial results by log-sum-exp. With one part (a CPU-only
+machine's device and host tiers) that is the plain cache's own arithmetic, so lossless policies give
+the plain engine's tokens bit for bit; across parts (a disk tier) the merge is exact up to rounding.
+A GPU engine with blocks off the GPU instead fetches them and attends over whole tables
+(``kv/fetch.py``), the plain arithmetic again. A step's flat batch puts decode tokens first (one per
+sequence), then prefill chunks, each attending to its sequence's cached prefix plus itself, causally.
+When asked, decode attention also reports the attention mass of every block.
 
 The storages own their format (``KVStorage``: float K/V; ``HackStorage``: HACK codes), so this class
-never looks at bytes: it routes rows and plans to targets, passing each sequence's tail slot along.
+never looks at bytes: it routes rows and plans to parts, passing each sequence's tail slot along.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from kvtier.kv.storage import KVStorage
 
 @dataclass(slots=True)
 class TargetWrite:
-    target: int
-    rows: torch.Tensor | None  # rows of the flat batch going to this target (None: all of them)
-    slots: torch.Tensor  # [n] slot of each row's block
+    part: int
+    rows: torch.Tensor | None  # rows of the flat batch going to this part (None: all of them)
+    slots: torch.Tensor  # [n] slot of each row's block in the part
     offsets: torch.Tensor  # [n] position in the block
     tails: torch.Tensor  # [n] tail slot of each row's sequence (HACK's open-block V)
     copies: dict = field(default_factory=dict)  # slots, offsets, tails on another device, made once a step
@@ -46,8 +48,8 @@ class TargetWrite:
 
 @dataclass(slots=True)
 class TargetDecode:
-    target: int
-    plan: DecodePlan  # slot tables [B, W_t] and token counts [B] of the blocks in this target
+    part: int
+    plan: DecodePlan  # slot tables [B, W_t] and token counts [B] of the blocks in this part
     blocks: np.ndarray  # [B, W_t] logical ids of those blocks (-1: padding)
     tails: torch.Tensor  # [B] tail slot of each sequence
     num_tokens: int  # cached tokens attention reads here (the plan's token counts, summed on the host)
@@ -67,7 +69,7 @@ class PrefillSpan:
     start_pos: int  # tokens of this sequence already in the cache
     tail: int = 0  # the sequence's tail slot
     blocks: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    # with a cached prefix: where the blocks of prefix and chunk are, (target, slots, table positions)
+    # with a cached prefix: where the blocks of prefix and chunk are, (part, slots, table positions)
 
 
 @dataclass(slots=True)
@@ -92,7 +94,10 @@ class StepObservation:
 class TieredKVCache:
     def __init__(self, storages: list[KVStorage], placement: BlockPlacement, policy, scale: float,
                  block_size: int, device: torch.device):
-        self.storages = storages
+        self.storages = storages  # one per target (moves, new blocks)
+        self.parts = list({id(s.whole): s.whole for s in storages}.values())  # what K/V is written to and read from
+        self.part_of = np.asarray([self.parts.index(s.whole) for s in storages], dtype=np.int64)  # [targets]
+        self.base_of = np.asarray([s.base for s in storages], dtype=np.int64)  # [targets] first slot in the part
         self.placement = placement
         self.policy = policy
         self.scale = scale
@@ -127,14 +132,10 @@ class TieredKVCache:
             meta.fetch.start(0, self.storages)  # layer 0's copies overlap the embedding
         elif decodes:
             meta.decodes = self._decode_plans(decodes, tails[: len(decodes)])
-            for d in meta.decodes:
-                self._count(d.target, d.num_tokens)
         start = len(decodes)
         for (table, cached, n), tail in zip(prefills, tails[len(decodes):], strict=True):
             span_blocks = self._blocks_of(table, cached + n) if cached else []
             meta.prefills.append(PrefillSpan(start, n, cached, tail, span_blocks))
-            for t, _, pos in meta.prefills[-1].blocks:
-                self._count(t, len(pos) * self.block_size)
             start += n
         if observe:
             self.obs = StepObservation(torch.zeros(len(self.placement.target_of), device=self.device),
@@ -143,6 +144,11 @@ class TieredKVCache:
 
     def _count(self, target: int, tokens: int) -> None:
         self.tokens_read[target] = self.tokens_read.get(target, 0) + tokens
+
+    def _where(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Target, part and slot in that part of each logical block (any shape)."""
+        tgt = self.placement.target_of[blocks]
+        return tgt, self.part_of[tgt], self.base_of[tgt] + self.placement.slot_of[blocks]
 
     def _token_blocks(self, decodes, prefills, tails) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row of the flat batch: its block, its position in the block, its sequence's tail slot."""
@@ -160,20 +166,18 @@ class TieredKVCache:
     def _writes(self, blocks: np.ndarray, offsets: np.ndarray, tails: np.ndarray) -> list[TargetWrite]:
         """One write per target; with a HACK cache one per run of rows in the same target, in batch order:
         a sequence's open-block V passes through its tail, so its tokens must arrive in order."""
-        pl = self.placement
-        targets, slots = pl.target_of[blocks], pl.slot_of[blocks]
-        if len(pl.targets) == 1:
+        _, parts, slots = self._where(blocks)
+        if len(self.parts) == 1:
             return [TargetWrite(0, None, self._t(slots), self._t(offsets), self._t(tails))]
         if self.storages[0].layout.fmt is None:
-            groups = [np.nonzero(targets == t)[0] for t in np.unique(targets)]
+            groups = [np.nonzero(parts == p)[0] for p in np.unique(parts)]
         else:
-            cuts = np.flatnonzero(np.diff(targets)) + 1
-            groups = np.split(np.arange(len(targets)), cuts)
+            cuts = np.flatnonzero(np.diff(parts)) + 1
+            groups = np.split(np.arange(len(parts)), cuts)
         out = []
         for rows in groups:
-            t = targets[rows[0]]
             whole = len(rows) == len(blocks)
-            out.append(TargetWrite(int(t), None if whole else self._t(rows), self._t(slots[rows]),
+            out.append(TargetWrite(int(parts[rows[0]]), None if whole else self._t(rows), self._t(slots[rows]),
                                    self._t(offsets[rows]), self._t(tails[rows])))
         return out
 
@@ -186,33 +190,47 @@ class TieredKVCache:
         return table
 
     def _decode_plans(self, decodes, tails: list[int]) -> list[TargetDecode]:
-        pl, bs = self.placement, self.block_size
         table = self._table(decodes)
         valid = table >= 0
         ctx = np.asarray([c for _, c in decodes], dtype=np.int64)
-        if len(pl.targets) == 1:  # one target (the plain cache): the tables themselves, in slots
-            slots = np.where(valid, pl.slot_of[np.maximum(table, 0)], 0)
+        tgt, part, slots = self._where(np.maximum(table, 0))
+        slots = np.where(valid, slots, 0)
+        if len(self.storages) == 1:
+            self._count(0, int(ctx.sum()))
+        else:
+            for t, tokens in self._tokens_by(np.where(valid, tgt, -1), ctx).items():
+                self._count(t, int(tokens.sum()))
+        if len(self.parts) == 1:  # one part (the plain cache, or targets in one memory): the tables themselves
             return [TargetDecode(0, DecodePlan(self._t(slots), self._t(ctx)), table, self._t(tails), int(ctx.sum()))]
-        tgt = np.where(valid, pl.target_of[np.maximum(table, 0)], -1)
-        last_len = (ctx - 1) % bs + 1
-        last_tgt = tgt[np.arange(len(decodes)), (ctx - 1) // bs]
+        owner = np.where(valid, part, -1)
         plans = []
-        for t in np.unique(tgt[valid]):
-            mine = tgt == t
+        for p, tokens in self._tokens_by(owner, ctx).items():
+            mine = owner == p
             count = mine.sum(1)
-            order = np.argsort(~mine, axis=1, kind="stable")[:, : count.max()]  # this target's blocks, in order
+            order = np.argsort(~mine, axis=1, kind="stable")[:, : count.max()]  # this part's blocks, in order
             ids = np.take_along_axis(table, order, 1)
             ids[np.arange(ids.shape[1])[None, :] >= count[:, None]] = -1
-            slots = np.where(ids >= 0, pl.slot_of[np.maximum(ids, 0)], 0)
-            tokens = count * bs - np.where(last_tgt == t, bs - last_len, 0)
-            plans.append(TargetDecode(int(t), DecodePlan(self._t(slots), self._t(tokens)), ids, self._t(tails),
+            mine_slots = np.where(ids >= 0, np.take_along_axis(slots, order, 1), 0)
+            plans.append(TargetDecode(p, DecodePlan(self._t(mine_slots), self._t(tokens)), ids, self._t(tails),
                                       int(tokens.sum())))
         return plans
 
+    def _tokens_by(self, owner: np.ndarray, ctx: np.ndarray) -> dict[int, np.ndarray]:
+        """Per owner (a target or a part) in ``owner`` [B, W] (-1: padding): each sequence's cached tokens
+        in that owner's blocks [B] (the last block holds only the context's rest)."""
+        bs = self.block_size
+        last = owner[np.arange(len(ctx)), (ctx - 1) // bs]
+        unwritten = bs - ((ctx - 1) % bs + 1)
+        return {int(o): (owner == o).sum(1) * bs - np.where(last == o, unwritten, 0)
+                for o in np.unique(owner[owner >= 0])}
+
     def _blocks_of(self, table: list[int], tokens: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(part, slots, table positions) of a sequence's first ``tokens`` tokens' blocks; counts the reads."""
         ids = np.asarray(table[: -(-tokens // self.block_size)], dtype=np.int64)
-        tgt, slots = self.placement.target_of[ids], self.placement.slot_of[ids]
-        return [(int(t), self._t(slots[tgt == t]), self._t(np.nonzero(tgt == t)[0])) for t in np.unique(tgt)]
+        tgt, part, slots = self._where(ids)
+        for t in np.unique(tgt):
+            self._count(int(t), int((tgt == t).sum()) * self.block_size)
+        return [(int(p), self._t(slots[part == p]), self._t(np.nonzero(part == p)[0])) for p in np.unique(part)]
 
     def _t(self, a) -> torch.Tensor:
         return torch.as_tensor(np.asarray(a, dtype=np.int64), device=self.device)
@@ -230,7 +248,7 @@ class TieredKVCache:
         if meta.prefills or k.dtype not in (kv_dtype, torch.float32):
             k, v = k.to(kv_dtype), v.to(kv_dtype)  # prefill attends to K/V as the cache holds them (rounded)
         for w in meta.writes:
-            storage = self.storages[w.target]
+            storage = self.parts[w.part]
             dev = storage.target_device
             kk, vv = (k, v) if w.rows is None else (k[w.rows], v[w.rows])
             if dev != self.device:
@@ -274,9 +292,9 @@ class TieredKVCache:
                                          self.block_size if observe else None)
 
     def _decode_target(self, layer: int, q: torch.Tensor, d: TargetDecode, observe: bool) -> tuple:
-        """(out, lse, block_lse or None) over one target's blocks, computed where the K lives (off q's
+        """(out, lse, block_lse or None) over one part's blocks, computed where the K lives (off q's
         device only where the cache does not fetch: CPU attention, NEO-style), returned on q's device."""
-        storage = self.storages[d.target]
+        storage = self.parts[d.part]
         dev = storage.target_device
         here = dev == q.device
         qd, (plan, tails) = (q, (d.plan, d.tails)) if here else (q.to(dev), d.on(dev))
@@ -311,10 +329,10 @@ class TieredKVCache:
         """The cached prefix and the new chunk (already written) of one sequence: K, V [Hkv, start+n, D]."""
         total, bs = span.start_pos + span.num_tokens, self.block_size
         last = -(-total // bs) - 1  # table position of the sequence's last block
-        parts = []  # per target: (table positions [n], K [Hkv, tokens, D], V)
-        for t, slots, pos in span.blocks:
+        parts = []  # per part: (table positions [n], K [Hkv, tokens, D], V)
+        for p, slots, pos in span.blocks:
             tokens = len(pos) * bs - ((last + 1) * bs - total if int(pos[-1]) == last else 0)
-            k, v = self.storages[t].dense(layer, slots, tokens, span.tail)
+            k, v = self.parts[p].dense(layer, slots, tokens, span.tail)
             parts.append((pos, k.to(self.device), v.to(self.device)))
         if len(parts) == 1:
             return parts[0][1], parts[0][2]

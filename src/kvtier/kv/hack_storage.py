@@ -46,6 +46,7 @@ class HackStorage:
         assert layout.fmt is not None and target.k_tier == target.v_tier, "a HACK slab holds K and V together"
         self.layout = layout
         self.target = target
+        self.whole, self.base = self, 0  # a HACK target never shares its storage (see ``make_storages``)
         slab = slab_offsets(layout.fmt, layout.head_dim)[-1]
         shape = (layout.num_layers, target.num_slots, layout.num_kv_heads, slab)
         self.blocks = mems[target.k_tier].empty(shape, torch.uint8)  # new blocks are zeroed on allocation

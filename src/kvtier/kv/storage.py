@@ -121,16 +121,58 @@ def _file_tensor(directory: Path, shape: tuple[int, ...], dtype: torch.dtype) ->
     return t
 
 
-class KVStorage:
-    """The K and V blocks of one storage target (K and V may sit in different memory tiers)."""
+def make_storages(layout: KVLayout, targets: list[Target], mems: dict[str, Memory]) -> list[KVStorage]:
+    """One storage per target, in order. Targets whose K and V sit in the same memory (non-disk tiers of
+    one device, equally pinned: ``device`` and ``host`` on a CPU-only machine) are slot ranges of one
+    shared storage: decode attention then runs once over a table whose blocks are in several of them,
+    with the arithmetic of a single target, so lossless placement is bit-exact there (two passes merged
+    by log-sum-exp differ from one pass in the last bits, which int8 activations can turn into tokens)."""
+    groups: dict = {}
+    for i, t in enumerate(targets):
+        groups.setdefault(_memory_key(t, mems, i), []).append(i)
+    out: list = [None] * len(targets)
+    for members in groups.values():
+        ts = [targets[i] for i in members]
+        if len(ts) == 1:
+            out[members[0]] = KVStorage(layout, ts[0], mems)
+            continue
+        whole = KVStorage(layout, Target("+".join(t.name for t in ts), sum(t.num_slots for t in ts),
+                                         ts[0].k_tier, ts[0].v_tier), mems)
+        base = 0
+        for i, t in zip(members, ts, strict=True):
+            out[i] = KVStorage(layout, t, mems, (whole, base))
+            base += t.num_slots
+    return out
 
-    def __init__(self, layout: KVLayout, target: Target, mems: dict[str, Memory]):
+
+def _memory_key(target: Target, mems: dict[str, Memory], index: int):
+    """Targets with equal keys can share one storage; a disk tier, or K and V apart, keeps its own."""
+    kinds = {(mems[t].device, mems[t].pinned) for t in target.tiers}
+    if len(kinds) > 1 or any(mems[t].tier == "disk" for t in target.tiers):
+        return ("own", index)
+    return kinds.pop()
+
+
+class KVStorage:
+    """The K and V blocks of one storage target (K and V may sit in different memory tiers).
+
+    ``whole`` and ``base``: targets kept in the same memory share one storage (``make_storages``); this
+    one is then slots ``base ..`` of ``whole``, and attention can run once over blocks of all of them."""
+
+    def __init__(self, layout: KVLayout, target: Target, mems: dict[str, Memory],
+                 part_of: tuple[KVStorage, int] | None = None):
         self.layout = layout
         self.target = target
         shape = (layout.num_layers, target.num_slots, layout.num_kv_heads, layout.block_size, layout.head_dim)
-        # empty, not zeros: pages are committed as blocks are used; new blocks are zeroed on allocation
-        self.k = mems[target.k_tier].empty(shape, layout.dtype)
-        self.v = mems[target.v_tier].empty(shape, layout.dtype)
+        if part_of is None:
+            # empty, not zeros: pages are committed as blocks are used; new blocks are zeroed on allocation
+            self.k = mems[target.k_tier].empty(shape, layout.dtype)
+            self.v = mems[target.v_tier].empty(shape, layout.dtype)
+            self.whole, self.base = self, 0
+        else:
+            self.whole, self.base = part_of
+            self.k, self.v = (t[:, self.base: self.base + target.num_slots] for t in (self.whole.k, self.whole.v))
+        assert self.k.shape == shape
         self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # views, made once
 
     @property
