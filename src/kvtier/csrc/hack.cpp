@@ -695,21 +695,6 @@ KV_AVX512_VNNI void dot_avx512(const uint8_t* m, int64_t rows, int64_t n, int bi
   else dot_bits_avx512<8>(m, rows, n, ab, G, out, out_stride);
 }
 
-// exp_nonpos8 on 16 lanes (the same operations)
-KV_AVX512_VNNI inline __m512 exp_nonpos16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 shift = _mm512_set1_ps(12582912.0f);
-  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shift);
-  const __m512 r = _mm512_fnmadd_ps(_mm512_sub_ps(t, shift), _mm512_set1_ps(0.693147180559945f), x);
-  const __m512 r2 = _mm512_mul_ps(r, r);
-  const __m512 p01 = _mm512_fmadd_ps(r, _mm512_set1_ps(0.99999983f), _mm512_set1_ps(1.f));
-  const __m512 p23 = _mm512_fmadd_ps(r, _mm512_set1_ps(0.1666728f), _mm512_set1_ps(0.49999096f));
-  const __m512 p45 = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00831374f), _mm512_set1_ps(0.04190408f));
-  const __m512 p = _mm512_fmadd_ps(r2, _mm512_fmadd_ps(r2, p45, p23), p01);
-  const __m512i n127 = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B400000 - 127));
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(n127, 23)));
-}
-
 enum class Lanes { kMax, kMin, kAdd };
 
 template <Lanes Op>
@@ -719,76 +704,103 @@ KV_AVX512_VNNI inline __m512 lanes_op(__m512 a, __m512 b) {
   else return _mm512_add_ps(a, b);
 }
 
-// across the 16 lanes, the result in every lane (butterfly of lane swaps)
+// e^(x - m) for x <= m on 16 lanes, given ml = m log2 e: 2^y with y = x log2 e - ml (one rounding, fused) split
+// as n + r, n = round(y), r in [-1/2, 1/2]; 2^r by its degree-5 Taylor polynomial (relative error below 3e-6:
+// P is kept as 8-bit codes) and 2^n by vscalefps, which also underflows to 0 by itself. Fewer operations than
+// the AVX2 path's exp_nonpos8 (no clamp, no two-step range reduction, no exponent bit arithmetic): it runs once
+// per score.
+KV_AVX512_VNNI inline __m512 exp_shifted16(__m512 x, __m512 ml) {
+  const __m512 y = _mm512_fmsub_ps(x, _mm512_set1_ps(1.44269504088896341f), ml);
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(1.3333558146e-3f);  // ln(2)^5 / 120, then down to ln(2)^0 / 0!
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6181291076e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5504108665e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022650696e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314718056e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// e^x for x <= 0, -inf included (e^-inf = 0; below -150 the result underflows to 0 anyway)
+KV_AVX512_VNNI inline __m512 exp_neg16(__m512 x) {
+  return exp_shifted16(_mm512_max_ps(x, _mm512_set1_ps(-150.f)), _mm512_setzero_ps());
+}
+
+// per head g < G, v[g] reduced across its 16 lanes into lane g of the result: four heads at a time by a transposing
+// butterfly (within 128-bit lanes, pairs of heads, then the four; then across the 128-bit lanes), one short chain
+// for four heads instead of one per head
 template <Lanes Op>
-KV_AVX512_VNNI inline __m512 all_lanes16(__m512 v) {
-  v = lanes_op<Op>(v, _mm512_shuffle_f32x4(v, v, 0x4e));
-  v = lanes_op<Op>(v, _mm512_shuffle_f32x4(v, v, 0xb1));
-  v = lanes_op<Op>(v, _mm512_permute_ps(v, 0x4e));
-  return lanes_op<Op>(v, _mm512_permute_ps(v, 0xb1));
+KV_AVX512_VNNI __attribute__((always_inline)) inline __m512 heads_lanes16(const __m512* v, int64_t G) {
+  __m512 out = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    auto at = [&](int64_t i) { return v[std::min(g0 + i, G - 1)]; };
+    const __m512 ab = lanes_op<Op>(_mm512_shuffle_ps(at(0), at(1), 0x88), _mm512_shuffle_ps(at(0), at(1), 0xdd));
+    const __m512 cd = lanes_op<Op>(_mm512_shuffle_ps(at(2), at(3), 0x88), _mm512_shuffle_ps(at(2), at(3), 0xdd));
+    __m512 r = lanes_op<Op>(_mm512_shuffle_ps(ab, cd, 0x88), _mm512_shuffle_ps(ab, cd, 0xdd));  // [a b c d] x 4
+    r = lanes_op<Op>(r, _mm512_shuffle_f32x4(r, r, 0x4e));
+    r = lanes_op<Op>(r, _mm512_shuffle_f32x4(r, r, 0xb1));
+    out = _mm512_mask_mov_ps(out, static_cast<__mmask16>(0xfu << g0), r);
+  }
+  return out;
 }
 
-// exp8 of vec.h on 16 lanes, as two halves (the across-heads scalars: once a block, not per score)
-KV_AVX512_VNNI inline __m512 exp16(__m512 x) {
-  const __m512d xd = _mm512_castps_pd(x);
-  const __m256 lo = kvtier::exp8(_mm256_castpd_ps(_mm512_castpd512_pd256(xd)));
-  const __m256 hi = kvtier::exp8(_mm256_castpd_ps(_mm512_extractf64x4_pd(xd, 1)));
-  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
-}
-
-// a full block of NV * 16 tokens, up to 16 heads, in four passes so no exp waits on another head or on a
-// division: (1) per head, e = exp(sc - block max) in place, its sum and minimum (the max, sum and minimum are
-// butterflies that leave the value in every lane, merged into lane g of a vector across the heads);
-// (2) across the heads at once: P's code scales, the running max, the old state's rescale and the carry;
-// (3) per head, P's codes against [emin, 1]; (4) the heads' scalars out
+// a full block of NV * 16 tokens, up to 16 heads, in three passes with the heads' reductions batched (lane g of a
+// vector: head g): (1) per head, the lane-wise max and min of the scores, reduced across the heads at once;
+// (2) across the heads: emin = exp(min - max), the smallest e, and with it P's code scales, the running max, the
+// old state's rescale and the carry; (3) per head, e = exp(sc - block max), its sum and its codes against
+// [emin, 1] in one sweep (sc is left as it was), the sums reduced across the heads at once
 template <int NV>
 KV_AVX512_VNNI void softmax_codes_avx512(float (*sc)[kMaxPi], int64_t G, float* m, float* l, uint8_t* codes, QParams* qp,
                                     float* alpha) {
-  __m512 bmax = _mm512_setzero_ps(), emin = _mm512_setzero_ps(), esum = _mm512_setzero_ps();  // lane g: head g
+  __m512 hi[kMaxG], lo[kMaxG];
   for (int64_t g = 0; g < G; ++g) {
-    __m512 e[NV];
-    for (int v = 0; v < NV; ++v) e[v] = _mm512_loadu_ps(sc[g] + 16 * v);
-    __m512 mx = e[0];
-    for (int v = 1; v < NV; ++v) mx = _mm512_max_ps(mx, e[v]);
-    mx = all_lanes16<Lanes::kMax>(mx);
-    __m512 sum = _mm512_setzero_ps(), lo = _mm512_set1_ps(1.f);
-    for (int v = 0; v < NV; ++v) {
-      e[v] = exp_nonpos16(_mm512_sub_ps(e[v], mx));
-      _mm512_storeu_ps(sc[g] + 16 * v, e[v]);
-      sum = _mm512_add_ps(sum, e[v]);
-      lo = _mm512_min_ps(lo, e[v]);
+    hi[g] = lo[g] = _mm512_loadu_ps(sc[g]);
+    for (int v = 1; v < NV; ++v) {
+      const __m512 x = _mm512_loadu_ps(sc[g] + 16 * v);
+      hi[g] = _mm512_max_ps(hi[g], x), lo[g] = _mm512_min_ps(lo[g], x);
     }
-    const __mmask16 lane = static_cast<__mmask16>(1u << g);
-    bmax = _mm512_mask_mov_ps(bmax, lane, mx);
-    esum = _mm512_mask_mov_ps(esum, lane, all_lanes16<Lanes::kAdd>(sum));
-    emin = _mm512_mask_mov_ps(emin, lane, all_lanes16<Lanes::kMin>(lo));
   }
   const __mmask16 heads = static_cast<__mmask16>((1u << G) - 1);
-  const __m512 scale = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.f), emin), _mm512_set1_ps(255.f));  // p_code_scale
-  const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_GT_OQ),
-                                         _mm512_set1_ps(1.f), scale);
+  const __m512 bmax = heads_lanes16<Lanes::kMax>(hi, G);
+  const __m512 bmaxl = _mm512_mul_ps(bmax, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 emin = exp_shifted16(heads_lanes16<Lanes::kMin>(lo, G), bmaxl);  // the min's e, as the scores' below
+  const __m512 span = _mm512_sub_ps(_mm512_set1_ps(1.f), emin);
+  const __m512 scale = _mm512_div_ps(span, _mm512_set1_ps(255.f));  // p_code_scale
+  const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(span, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                         _mm512_set1_ps(255.f), span);  // 1 / scale, beside it rather than after it
   const __m512 mold = _mm512_maskz_loadu_ps(heads, m);
   const __m512 mnew = _mm512_max_ps(mold, bmax);  // -inf old state: the block's max
-  const __m512 ea = exp16(_mm512_sub_ps(mold, mnew)), ec = exp16(_mm512_sub_ps(bmax, mnew));  // exp(-inf): tiny
-  _mm512_mask_storeu_ps(l, heads, _mm512_fmadd_ps(ec, esum, _mm512_mul_ps(_mm512_maskz_loadu_ps(heads, l), ea)));
-  _mm512_mask_storeu_ps(m, heads, mnew);
-  _mm512_mask_storeu_ps(alpha, heads, ea);
+  const __m512 ea = exp_neg16(_mm512_sub_ps(mold, mnew)), ec = exp_neg16(_mm512_sub_ps(bmax, mnew));
+  __m512 sums[kMaxG], csums[kMaxG];
   for (int64_t g = 0; g < G; ++g) {
     const __m512i lane = _mm512_set1_epi32(static_cast<int>(g));
-    const __m512 vlo = _mm512_permutexvar_ps(lane, emin), vi = _mm512_permutexvar_ps(lane, inv);
+    const __m512 ml = _mm512_permutexvar_ps(lane, bmaxl), vi = _mm512_permutexvar_ps(lane, inv);
+    const __m512 lov = _mm512_mul_ps(_mm512_permutexvar_ps(lane, emin), vi);  // code = e inv - emin inv
+    __m512 sum = _mm512_setzero_ps();
     __m512i cs = _mm512_setzero_si512();
     for (int v = 0; v < NV; ++v) {
-      const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sc[g] + 16 * v), vlo), vi);
-      const __m512i c = _mm512_cvtps_epi32(x);  // round half to even
+      const __m512 e = exp_shifted16(_mm512_loadu_ps(sc[g] + 16 * v), ml);
+      sum = _mm512_add_ps(sum, e);
+      const __m512i c = _mm512_cvtps_epi32(_mm512_fmsub_ps(e, vi, lov));  // round half to even
       cs = _mm512_add_epi32(cs, c);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + g * NV * 16 + 16 * v), _mm512_cvtusepi32_epi8(c));
     }
-    qp[g].sum = _mm512_reduce_add_epi32(cs);
+    sums[g] = sum, csums[g] = _mm512_cvtepi32_ps(cs);  // code sums below 2^24: exact in float
   }
-  alignas(64) float ps[16], pm[16];
-  _mm512_store_ps(ps, _mm512_mul_ps(scale, ec));
-  _mm512_store_ps(pm, _mm512_mul_ps(emin, ec));
-  for (int64_t g = 0; g < G; ++g) qp[g].scale = ps[g], qp[g].minimum = pm[g];
+  const __m512 esum = heads_lanes16<Lanes::kAdd>(sums, G), csum = heads_lanes16<Lanes::kAdd>(csums, G);
+  _mm512_mask_storeu_ps(l, heads, _mm512_fmadd_ps(ec, esum, _mm512_mul_ps(_mm512_maskz_loadu_ps(heads, l), ea)));
+  _mm512_mask_storeu_ps(m, heads, mnew);
+  _mm512_mask_storeu_ps(alpha, heads, ea);
+  // the heads' scalars out of the registers (stored as vectors and read back as floats, they waited on store
+  // forwarding: a quarter of this function's time)
+  const __m512 ps = _mm512_mul_ps(scale, ec), pm = _mm512_mul_ps(emin, ec);
+  const __m512i pc = _mm512_cvtps_epi32(csum);
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512i lane = _mm512_set1_epi32(static_cast<int>(g));
+    qp[g] = {_mm512_cvtss_f32(_mm512_permutexvar_ps(lane, ps)), _mm512_cvtss_f32(_mm512_permutexvar_ps(lane, pm)),
+             _mm_cvtsi128_si32(_mm512_castsi512_si128(_mm512_permutexvar_epi32(lane, pc)))};
+  }
 }
 
 KV_AVX512_VNNI void softmax_avx512(float (*sc)[kMaxPi], int64_t G, int64_t n, int64_t pi, float* m, float* l,
