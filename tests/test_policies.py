@@ -139,7 +139,8 @@ def test_a_disk_tier_keeps_its_own_storage(default_loaded, tmp_path):
     device, host, disk = engine.storages
     assert device.whole is host.whole and (device.base, host.base) == (0, 4) and disk.whole is disk
     assert engine.cache.parts == [device.whole, disk]
-    assert device.k.data_ptr() == device.whole.k.data_ptr() and host.k[0, 0].data_ptr() == device.whole.k[0, 4].data_ptr()
+    whole = device.whole.k
+    assert device.k.data_ptr() == whole.data_ptr() and host.k[0, 0].data_ptr() == whole[0, 4].data_ptr()
     assert host.nbytes == 8 * engine.layout.block_bytes
 
 
