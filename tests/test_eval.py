@@ -46,7 +46,8 @@ def test_evaluate_rows(default_llm):
                     [("static", {}), ("kcache", {"top_n": 1.0}), ("kcache", {"top_n": 2})], SMALL)
     plain, static, dense, tiny = rows
     assert plain.label == "plain" and plain.perplexity > 1 and set(plain.retrieval) == {"passkey@256", "kv@256"}
-    assert static.agreement == 1.0 and static.kl_mean < 1e-6 and static.perplexity == pytest.approx(plain.perplexity)
+    assert static.agreement == 1.0 and static.perplexity == pytest.approx(plain.perplexity)
+    assert static.kl_max == 0.0  # the plain engine's logits bit for bit, and the reference kept in float32
     assert dense.forced_agreement == 1.0 and dense.kl_mean < 1e-4  # every V row kept: exact up to rounding
     assert tiny.kl_mean > dense.kl_mean and tiny.label == "kcache:top_n=2" and not tiny.lossless
     assert all(r.seconds > 0 for r in rows)
