@@ -30,7 +30,7 @@ from kvtier.kv.storage import KVStorage
 
 
 @dataclass(slots=True)
-class TargetWrite:
+class PartWrite:
     part: int
     rows: torch.Tensor | None  # rows of the flat batch going to this part (None: all of them)
     slots: torch.Tensor  # [n] slot of each row's block in the part
@@ -47,7 +47,7 @@ class TargetWrite:
 
 
 @dataclass(slots=True)
-class TargetDecode:
+class PartDecode:
     part: int
     plan: DecodePlan  # slot tables [B, W_t] and token counts [B] of the blocks in this part
     blocks: np.ndarray  # [B, W_t] logical ids of those blocks (-1: padding)
@@ -74,9 +74,9 @@ class PrefillSpan:
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    writes: list[TargetWrite]
+    writes: list[PartWrite]
     num_decode: int = 0
-    decodes: list[TargetDecode] = field(default_factory=list)
+    decodes: list[PartDecode] = field(default_factory=list)
     fetch: DecodeFetch | None = None  # set where decode attention runs on fetched copies (fetch_decode)
     prefills: list[PrefillSpan] = field(default_factory=list)
     observe: bool = False  # accumulate each block's attention mass
@@ -88,7 +88,7 @@ class StepObservation:
     per-layer, per-KV-head detail when a trace is recorded."""
 
     mass: torch.Tensor  # [num_blocks] float32
-    layers: list | None = None  # per layer: list of (blocks [B, W_t], mass [B, Hkv, W_t]) per target
+    layers: list | None = None  # per layer: list of (blocks [B, W_t], mass [B, Hkv, W_t]) per part
 
 
 class TieredKVCache:
@@ -163,12 +163,12 @@ class TieredKVCache:
         as_array = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
         return as_array(blocks), as_array(pos) % bs, as_array(row_tails)
 
-    def _writes(self, blocks: np.ndarray, offsets: np.ndarray, tails: np.ndarray) -> list[TargetWrite]:
-        """One write per target; with a HACK cache one per run of rows in the same target, in batch order:
+    def _writes(self, blocks: np.ndarray, offsets: np.ndarray, tails: np.ndarray) -> list[PartWrite]:
+        """One write per part; with a HACK cache one per run of rows in the same part, in batch order:
         a sequence's open-block V passes through its tail, so its tokens must arrive in order."""
         _, parts, slots = self._where(blocks)
         if len(self.parts) == 1:
-            return [TargetWrite(0, None, self._t(slots), self._t(offsets), self._t(tails))]
+            return [PartWrite(0, None, self._t(slots), self._t(offsets), self._t(tails))]
         if self.storages[0].layout.fmt is None:
             groups = [np.nonzero(parts == p)[0] for p in np.unique(parts)]
         else:
@@ -177,7 +177,7 @@ class TieredKVCache:
         out = []
         for rows in groups:
             whole = len(rows) == len(blocks)
-            out.append(TargetWrite(int(parts[rows[0]]), None if whole else self._t(rows), self._t(slots[rows]),
+            out.append(PartWrite(int(parts[rows[0]]), None if whole else self._t(rows), self._t(slots[rows]),
                                    self._t(offsets[rows]), self._t(tails[rows])))
         return out
 
@@ -189,7 +189,7 @@ class TieredKVCache:
             table[i, : len(t)] = t
         return table
 
-    def _decode_plans(self, decodes, tails: list[int]) -> list[TargetDecode]:
+    def _decode_plans(self, decodes, tails: list[int]) -> list[PartDecode]:
         table = self._table(decodes)
         valid = table >= 0
         ctx = np.asarray([c for _, c in decodes], dtype=np.int64)
@@ -201,7 +201,7 @@ class TieredKVCache:
             for t, tokens in self._tokens_by(np.where(valid, tgt, -1), ctx).items():
                 self._count(t, int(tokens.sum()))
         if len(self.parts) == 1:  # one part (the plain cache, or targets in one memory): the tables themselves
-            return [TargetDecode(0, DecodePlan(self._t(slots), self._t(ctx)), table, self._t(tails), int(ctx.sum()))]
+            return [PartDecode(0, DecodePlan(self._t(slots), self._t(ctx)), table, self._t(tails), int(ctx.sum()))]
         owner = np.where(valid, part, -1)
         plans = []
         for p, tokens in self._tokens_by(owner, ctx).items():
@@ -211,7 +211,7 @@ class TieredKVCache:
             ids = np.take_along_axis(table, order, 1)
             ids[np.arange(ids.shape[1])[None, :] >= count[:, None]] = -1
             mine_slots = np.where(ids >= 0, np.take_along_axis(slots, order, 1), 0)
-            plans.append(TargetDecode(p, DecodePlan(self._t(mine_slots), self._t(tokens)), ids, self._t(tails),
+            plans.append(PartDecode(p, DecodePlan(self._t(mine_slots), self._t(tokens)), ids, self._t(tails),
                                       int(tokens.sum())))
         return plans
 
@@ -275,7 +275,7 @@ class TieredKVCache:
             out, lse, *blse = self._decode_fetched(layer, q, k_new, v_new, meta.fetch, meta.observe)
             pieces = [(meta.fetch.blocks, blse[0] if blse else None)]
         else:
-            parts = [self._decode_target(layer, q, d, meta.observe) for d in meta.decodes]
+            parts = [self._decode_part(layer, q, d, meta.observe) for d in meta.decodes]
             out, lse = (parts[0][0], parts[0][1]) if len(parts) == 1 else merge_attention([p[:2] for p in parts])
             pieces = [(d.blocks, p[2]) for d, p in zip(meta.decodes, parts, strict=True)]
         if meta.observe:
@@ -291,7 +291,7 @@ class TieredKVCache:
         return gathered_decode_attention(q, k.to(q.dtype), v.to(q.dtype), f.invalid, self.scale,
                                          self.block_size if observe else None)
 
-    def _decode_target(self, layer: int, q: torch.Tensor, d: TargetDecode, observe: bool) -> tuple:
+    def _decode_part(self, layer: int, q: torch.Tensor, d: PartDecode, observe: bool) -> tuple:
         """(out, lse, block_lse or None) over one part's blocks, computed where the K lives (off q's
         device only where the cache does not fetch: CPU attention, NEO-style), returned on q's device."""
         storage = self.parts[d.part]
@@ -339,7 +339,7 @@ class TieredKVCache:
         hkv, d = parts[0][1].shape[0], parts[0][1].shape[2]
         k = parts[0][1].new_zeros((hkv, (last + 1) * bs, d))
         v = torch.zeros_like(k)
-        for pos, kt, vt in parts:  # scatter each target's blocks to their positions
+        for pos, kt, vt in parts:  # scatter each part's blocks to their positions
             rows = (pos.to(self.device)[:, None] * bs + torch.arange(bs, device=self.device)).flatten()[: kt.shape[1]]
             k[:, rows], v[:, rows] = kt.to(k.dtype), vt.to(v.dtype)
         return k[:, :total], v[:, :total]

@@ -63,7 +63,7 @@ class TraceWriter:
         self.file.write(json.dumps(header) + "\n")
 
     def write(self, step: int, seqs: list, layers: list) -> None:
-        """``seqs``: the step's decode sequences (batch order); ``layers``: per layer, per target,
+        """``seqs``: the step's decode sequences (batch order); ``layers``: per layer, per part of the cache,
         (logical ids [B, W_t], mass [B, H, W_t]) as the cache observed them."""
         out = []
         for i, seq in enumerate(seqs):
