@@ -86,11 +86,15 @@ void dispatch(torch::ScalarType t, F&& f) {
   else TORCH_CHECK(false, "unsupported dtype ", t);
 }
 
+constexpr int64_t kMergeGrainFloats = 32768;  // partial-output floats a merge task reads at least
+
 // Merge S partial results per (b, h, g) by their log-sum-exp weights (lse_out may be null).
 // part: [B, Hkv, S, G, D], plse: [B, Hkv, S, G] -> out: [B, Hkv, G, D], lse_out: [B, Hkv, G].
 inline void merge_segments(const float* part, const float* plse, int64_t B, int64_t Hkv, int64_t S, int64_t G,
                            int64_t D, float* out, float* lse_out) {
-  at::parallel_for(0, B * Hkv * G, 1, [&](int64_t begin, int64_t end) {
+  // a small merge (one sequence: a few thousand floats) is done here: waking the threads again costs more
+  const int64_t grain = std::max<int64_t>(1, kMergeGrainFloats / (S * D));
+  at::parallel_for(0, B * Hkv * G, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bh = i / G, g = i % G;
       float mx = -std::numeric_limits<float>::infinity();

@@ -71,7 +71,7 @@ KV_CLONES void quantize_rows(const float* x, int64_t m0, int64_t m1, ActQ& a) {
       for (int64_t i = 0; i < kGroup; ++i) total += xg[i];
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       for (int64_t i = 0; i < kGroup; ++i)
-        qg[i] = static_cast<int8_t>(std::min(std::max(std::nearbyint(xg[i] * inv), -127.f), 127.f));
+        qg[i] = static_cast<int8_t>(std::min(std::max(std::rint(xg[i] * inv), -127.f), 127.f));
       a.s[m * a.G + g] = amax / 127.f;
       a.sum[m * a.G + g] = total;
     }
