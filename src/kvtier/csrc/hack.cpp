@@ -1032,10 +1032,18 @@ void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) {
   }
 }
 
-int64_t choose_segments(int64_t B, int64_t Hkv, int64_t max_blocks) {
+// Segments per sequence. Items (sequence, KV head, segment) of equal length, when every context is the
+// same (one sequence above all), are dealt evenly: the fewest segments giving a multiple of the threads
+// (B=1 x 8192, 2 threads: 2 segments, 3 items each, against 6 by the general rule: 40.3 vs 41.4 us,
+// 13.3 vs 14.5 at 2048); otherwise enough items that uneven contexts still balance.
+int64_t choose_segments(int64_t B, int64_t Hkv, int64_t max_blocks, bool same_contexts) {
   const int64_t threads = at::get_num_threads();
-  int64_t S = (8 * threads + B * Hkv - 1) / (B * Hkv);  // enough work items to balance the threads
-  S = std::min(S, max_blocks / 2);                      // segments of at least 2 blocks
+  int64_t S = (threads + B * Hkv - 1) / (B * Hkv);
+  if (same_contexts)
+    while (B * Hkv * S % threads != 0) ++S;
+  else
+    S = (8 * threads + B * Hkv - 1) / (B * Hkv);  // enough work items to balance the threads
+  S = std::min(S, max_blocks / 2);                // segments of at least 2 blocks
   return std::max<int64_t>(1, S);
 }
 
@@ -1083,7 +1091,9 @@ std::vector<torch::Tensor> hack_decode_attention(torch::Tensor q, torch::Tensor 
   TORCH_CHECK(G <= kMaxG && D <= kMaxD && pi <= kMaxPi, "head group, head dim or partition too large");
   auto tables_c = tables.contiguous(), ctx_c = ctx.contiguous(), slots_c = slots.contiguous();
   const int64_t W = tables_c.size(1);
-  const int64_t S = num_segments > 0 ? num_segments : choose_segments(B, Hkv, W);
+  const int64_t* cp = ctx_c.data_ptr<int64_t>();
+  const bool same = std::all_of(cp, cp + B, [&](int64_t n) { return n == cp[0]; });
+  const int64_t S = num_segments > 0 ? num_segments : choose_segments(B, Hkv, W, same);
   auto qcont = q.contiguous();
   std::vector<uint8_t> qc(B * Hq * D);
   std::vector<float> qp(B * Hq * P * 3);
