@@ -39,6 +39,18 @@ inline bool has_avx2() {
 #endif
 }
 
+// The AVX-512 of the x86-64-v4 clones (F, BW, CD, DQ, VL): where it holds, KV_CLONES code runs that clone.
+inline bool has_avx512() {
+#ifdef KV_X86
+  __builtin_cpu_init();
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
 // AVX-512 with the byte dot product (VNNI) and byte shuffles (VBMI): Ice Lake and later, Zen 4 and later. Code for
 // it carries KV_AVX512_VNNI, the same feature set, and runs only where has_avx512_vnni() holds.
 #define KV_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")))

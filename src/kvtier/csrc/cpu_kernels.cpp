@@ -230,6 +230,84 @@ __attribute__((always_inline)) inline void pv_rows(v8f (*acc)[NV], const float* 
 template <int N>
 using Int = std::integral_constant<int, N>;
 
+// ---- float32 on sixteen-float vectors ------------------------------------------------------------------
+//
+// Where the x86-64-v4 clone runs (AVX-512), a float32 row is read one 64-byte line per vector: half the
+// loads and FMAs of the eight-float passes, whose compute (3.8 ms of 8.4 at B=32 x 8192 on Zen 5) did not
+// hide under the memory reads. Only decode_vec<float, NV, true> uses these, and only on such CPUs.
+
+typedef float v16f __attribute__((vector_size(64)));
+
+inline v16f load16f(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store16f(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline v8f fold16(v16f a) {  // lane i + lane i + 8
+  return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+// scores_rows on float32 rows, one line per load; pf as there
+template <int NV, int GB, int U>
+__attribute__((always_inline)) inline void scores_rows16(const float* qs, const float* k, float* sc, int64_t ld,
+                                                         const float* pf) {
+  constexpr int D = 8 * NV;
+  v16f d[GB][U];
+  for (int g = 0; g < GB; ++g)
+    for (int u = 0; u < U; ++u) d[g][u] = v16f{};
+  for (int c = 0; c < NV / 2; ++c)
+    for (int u = 0; u < U; ++u) {
+      if (pf) __builtin_prefetch(pf + u * D + 16 * c);
+      const v16f x = load16f(k + u * D + 16 * c);
+      for (int g = 0; g < GB; ++g) d[g][u] += load16f(qs + g * D + 16 * c) * x;
+    }
+  for (int g = 0; g < GB; ++g) {
+    v8f f[U];
+    for (int u = 0; u < U; ++u) f[u] = fold16(d[g][u]);
+    if constexpr (U == 8) store8(sc + g * ld, reduce8(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]));
+    else reduce4_store(f[0], f[1], f[2], f[3], sc + g * ld);
+  }
+}
+
+// pv_rows on float32 rows: acc[g * D + d] += sum over t < n of p[g * ld + t] vb[t * D + d], GB heads, NW
+// vectors (lines) of a row per pass; pf as there
+template <int NV, int GB, int NW>
+__attribute__((always_inline)) inline void pv_rows16(float* acc, const float* p, int64_t ld, const float* vb,
+                                                     int64_t n, const float* pf) {
+  constexpr int D = 8 * NV;
+  static_assert((D / 16) % NW == 0, "a pass covers whole lines of the row");
+  for (int c0 = 0; c0 < D; c0 += 16 * NW) {
+    v16f o[GB][NW];
+    for (int g = 0; g < GB; ++g)
+      for (int w = 0; w < NW; ++w) o[g][w] = load16f(acc + g * D + c0 + 16 * w);
+    for (int64_t t = 0; t < n; ++t)
+      for (int w = 0; w < NW; ++w) {
+        if (pf) __builtin_prefetch(pf + t * D + c0 + 16 * w);
+        const v16f x = load16f(vb + t * D + c0 + 16 * w);
+        for (int g = 0; g < GB; ++g) o[g][w] += x * p[g * ld + t];
+      }
+    for (int g = 0; g < GB; ++g)
+      for (int w = 0; w < NW; ++w) store16f(acc + g * D + c0 + 16 * w, o[g][w]);
+  }
+}
+
+// P.V passes of pv_rows16 over G heads: f(g0, heads, lines per pass), at most 16 accumulators
+template <int NV, typename F>
+__attribute__((always_inline)) inline void pv_groups16(int64_t G, F&& f) {
+  constexpr int L = NV / 2;  // lines per row
+  constexpr int N4 = L < 4 ? L : 4, N8 = L < 8 ? L : 8;
+  int64_t g = 0;
+  for (; G - g >= 4; g += 4) f(g, Int<4>{}, Int<N4>{});
+  if (G - g == 3) f(g, Int<3>{}, Int<N4>{});
+  else if (G - g == 2) f(g, Int<2>{}, Int<N8>{});
+  else if (G - g == 1) f(g, Int<1>{}, Int<N8>{});
+}
+
+
+
 // Score passes over G heads: f(g0, heads, rows per call)
 template <typename F>
 __attribute__((always_inline)) inline void score_groups(int64_t G, F&& f) {
@@ -305,8 +383,9 @@ inline ItemBlocks item_blocks(const DecodeArgs& a, int64_t item) {
 // [Hkv, bs, D] slab, so the reads stream through memory (per-head items would jump between 2 KB pieces
 // and defeat the hardware prefetchers). Per-head state (accumulators, max, sum) lives across chunks.
 // next: the item this thread computes next (its first blocks are prefetched), or -1.
-template <typename T, int NV>
+template <typename T, int NV, bool Wide = false>
 KV_CLONES void decode_vec(const DecodeArgs& a, int64_t item, int64_t next) {
+  static_assert(!Wide || std::is_same_v<T, float>, "the sixteen-float passes read float32 rows");
   constexpr int D = 8 * NV;
   const int64_t b = item / a.S, s = item % a.S;
   const int64_t G = a.G, Hkv = a.Hkv, Hq = Hkv * G, bs = a.bs, ctx = a.ctx[b];
@@ -344,9 +423,12 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t item, int64_t next) {
         const T* vb = vbase + block_at(c0 + i) + h * bs * D;
         score_groups(G, [&](int64_t g0, auto gb, auto rows) {
           const int64_t q = h * G + g0;
-          for (int64_t t0 = 0; t0 < n; t0 += rows)
-            scores_rows<T, NV, decltype(gb)::value, decltype(rows)::value>(
-                qs.p + q * D, kb + t0 * D, sc + q * ld + i * bs + t0, ld, g0 == 0 ? vb + t0 * D : nullptr);
+          constexpr int GB = decltype(gb)::value, U = decltype(rows)::value;
+          for (int64_t t0 = 0; t0 < n; t0 += rows) {
+            const T* pf = g0 == 0 ? vb + t0 * D : nullptr;
+            if constexpr (Wide) scores_rows16<NV, GB, U>(qs.p + q * D, kb + t0 * D, sc + q * ld + i * bs + t0, ld, pf);
+            else scores_rows<T, NV, GB, U>(qs.p + q * D, kb + t0 * D, sc + q * ld + i * bs + t0, ld, pf);
+          }
         });
       }
     }
@@ -361,11 +443,18 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t item, int64_t next) {
       for (int64_t h = 0; h < Hkv; ++h) {
         const T* vb = vbase + block_at(c0 + i) + h * bs * D;
         const T* kb = ka ? ka + h * bs * D : nullptr;
-        pv_groups(G, [&](int64_t g0, auto gb, auto vc) {
-          const int64_t q = h * G + g0;
-          pv_rows<T, NV, decltype(gb)::value, decltype(vc)::value>(acc + q, sc + q * ld + i * bs, ld, vb, n,
-                                                                   g0 == 0 ? kb : nullptr);
-        });
+        if constexpr (Wide)
+          pv_groups16<NV>(G, [&](int64_t g0, auto gb, auto nw) {
+            const int64_t q = h * G + g0;
+            pv_rows16<NV, decltype(gb)::value, decltype(nw)::value>(accs.p + q * D, sc + q * ld + i * bs, ld, vb, n,
+                                                                    g0 == 0 ? kb : nullptr);
+          });
+        else
+          pv_groups(G, [&](int64_t g0, auto gb, auto vc) {
+            const int64_t q = h * G + g0;
+            pv_rows<T, NV, decltype(gb)::value, decltype(vc)::value>(acc + q, sc + q * ld + i * bs, ld, vb, n,
+                                                                     g0 == 0 ? kb : nullptr);
+          });
       }
     }
   }
@@ -379,6 +468,13 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t item, int64_t next) {
 // one work item: one segment of one sequence, all KV heads; next: see decode_vec
 template <typename T>
 void decode_item(const DecodeArgs& a, int64_t item, int64_t next) {
+  static const bool wide = has_avx512();
+  if constexpr (std::is_same_v<T, float>)
+    if (wide && a.bs % 8 == 0 && (a.D == 64 || a.D == 128)) {
+      if (a.D == 64) decode_vec<T, 8, true>(a, item, next);
+      else decode_vec<T, 16, true>(a, item, next);
+      return;
+    }
   if (a.bs % 8 == 0 && a.D == 64) decode_vec<T, 8>(a, item, next);
   else if (a.bs % 8 == 0 && a.D == 128) decode_vec<T, 16>(a, item, next);
   else
