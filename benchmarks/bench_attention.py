@@ -5,17 +5,17 @@
                                          [--json out.json]
 
 At each batch x context, with every sequence at that context and random block tables (the
-pessimistic case: the engine's tables are mostly ascending), it runs: kvtier's paged decode attention
-in float32, bfloat16 and float16, float32 and bfloat16 again over ascending tables ("asc"); KCache over the float32 cache keeping 10% of the context; HACK with
-2, 4 and 8-bit codes (pi = 64). For each it prints the time (best of the repeats fitting in --budget
-seconds), the KV bytes the kernel must read, effective bandwidth = bytes / time and its share of the
-read bandwidth measured around that point (kvtier.utils.membw, just before and just after it, the
-higher of the two: a shared host's bandwidth moves from minute to minute), and speed ratios
-(baseline time / kernel time) against torch SDPA over contiguous K/V of the same dtype (bfloat16 for
-HACK), against "dequantize then SDPA" (HF transformers' QuantizedCache approach) for HACK, and
-against kvtier's bfloat16 kernel. Small working sets fit in the caches, so their "bandwidth" can
-exceed the DRAM figure; the goals are read at the largest point.
-"""
+pessimistic case: the engine's tables are mostly ascending), it runs: kvtier's paged decode
+attention in float32, bfloat16 and float16, float32 and bfloat16 again over ascending tables
+("asc"); KCache over the float32 cache keeping 10% of the context; HACK with 2, 4 and 8-bit codes
+(pi = 64). For each it prints the time (best of the repeats fitting in --budget seconds), the KV
+bytes the kernel must read, effective bandwidth = bytes / time and its share of the read bandwidth
+measured around that point (kvtier.utils.membw, just before and just after it, the higher of the
+two: a shared host's bandwidth moves from minute to minute), and speed ratios (baseline time /
+kernel time) against torch SDPA over contiguous K/V of the same dtype (bfloat16 for HACK), against
+"dequantize then SDPA" (HF transformers' QuantizedCache approach) for HACK, and against kvtier's
+bfloat16 kernel. Small working sets fit in the caches, so their "bandwidth" can exceed the DRAM
+figure; the goals are read at the largest point."""
 
 from __future__ import annotations
 
