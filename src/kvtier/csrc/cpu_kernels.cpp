@@ -247,7 +247,8 @@ inline v16f load16f(const float* p) {
 inline void store16f(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline v8f fold16(v16f a) {  // lane i + lane i + 8
-  return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+  return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
 }
 
 // scores_rows on float32 rows, one line per load; pf as there
@@ -426,8 +427,9 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t item, int64_t next) {
           constexpr int GB = decltype(gb)::value, U = decltype(rows)::value;
           for (int64_t t0 = 0; t0 < n; t0 += rows) {
             const T* pf = g0 == 0 ? vb + t0 * D : nullptr;
-            if constexpr (Wide) scores_rows16<NV, GB, U>(qs.p + q * D, kb + t0 * D, sc + q * ld + i * bs + t0, ld, pf);
-            else scores_rows<T, NV, GB, U>(qs.p + q * D, kb + t0 * D, sc + q * ld + i * bs + t0, ld, pf);
+            float* out = sc + q * ld + i * bs + t0;
+            if constexpr (Wide) scores_rows16<NV, GB, U>(qs.p + q * D, kb + t0 * D, out, ld, pf);
+            else scores_rows<T, NV, GB, U>(qs.p + q * D, kb + t0 * D, out, ld, pf);
           }
         });
       }
@@ -465,20 +467,18 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t item, int64_t next) {
   }
 }
 
-// one work item: one segment of one sequence, all KV heads; next: see decode_vec
+// one work item: one segment of one sequence, all KV heads; next: see decode_vec. float32 rows go through the
+// sixteen-float passes where the AVX-512 clone runs.
 template <typename T>
 void decode_item(const DecodeArgs& a, int64_t item, int64_t next) {
-  static const bool wide = has_avx512();
-  if constexpr (std::is_same_v<T, float>)
-    if (wide && a.bs % 8 == 0 && (a.D == 64 || a.D == 128)) {
-      if (a.D == 64) decode_vec<T, 8, true>(a, item, next);
-      else decode_vec<T, 16, true>(a, item, next);
-      return;
-    }
-  if (a.bs % 8 == 0 && a.D == 64) decode_vec<T, 8>(a, item, next);
-  else if (a.bs % 8 == 0 && a.D == 128) decode_vec<T, 16>(a, item, next);
-  else
+  if (a.bs % 8 != 0 || (a.D != 64 && a.D != 128)) {
     for (int64_t h = 0; h < a.Hkv; ++h) decode_one<T>(a, item / a.S, h, item % a.S);
+    return;
+  }
+  static const bool wide = std::is_same_v<T, float> && has_avx512();
+  if constexpr (std::is_same_v<T, float>)
+    if (wide) return a.D == 64 ? decode_vec<T, 8, true>(a, item, next) : decode_vec<T, 16, true>(a, item, next);
+  a.D == 64 ? decode_vec<T, 8>(a, item, next) : decode_vec<T, 16>(a, item, next);
 }
 
 constexpr int64_t kSerialWork = 2048;  // (token, KV head) pairs below which one thread beats waking others
