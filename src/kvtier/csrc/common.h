@@ -51,15 +51,12 @@ inline bool has_avx512() {
 #endif
 }
 
-// AVX-512 with the byte dot product (VNNI) and byte shuffles (VBMI): Ice Lake and later, Zen 4 and later. Code for
+// That AVX-512 with the byte dot product (VNNI) and byte shuffles (VBMI): Ice Lake and later, Zen 4 and later. Code for
 // it carries KV_AVX512_VNNI, the same feature set, and runs only where has_avx512_vnni() holds.
 #define KV_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")))
 inline bool has_avx512_vnni() {
 #ifdef KV_X86
-  __builtin_cpu_init();
-  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-         __builtin_cpu_supports("avx512vbmi");
+  return has_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
 #else
   return false;
 #endif
