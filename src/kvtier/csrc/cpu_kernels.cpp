@@ -307,8 +307,6 @@ __attribute__((always_inline)) inline void pv_groups16(int64_t G, F&& f) {
   else if (G - g == 1) f(g, Int<1>{}, Int<N8>{});
 }
 
-
-
 // Score passes over G heads: f(g0, heads, rows per call)
 template <typename F>
 __attribute__((always_inline)) inline void score_groups(int64_t G, F&& f) {
