@@ -22,6 +22,18 @@ def paged_case(batch, ctx_max, hq, hkv, d, bs, dtype, seed=0):
     return q, k, v, tables, ctx
 
 
+@pytest.fixture(params=["generic", "avx2", "avx512"])
+def decode_isa(request):
+    """Each of the decode kernel's passes this CPU can run: 8-float ("generic": float16 widened in integer
+    ops; "avx2": by F16C) and 16-float ("avx512")."""
+    try:
+        fast.set_decode_isa(request.param)
+    except RuntimeError:
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    fast.set_decode_isa("auto")
+
+
 def textbook(q, k, v, tables, ctx, scale):
     """float64 attention, one sequence at a time, from the block tables."""
     outs = []
@@ -42,7 +54,7 @@ def textbook(q, k, v, tables, ctx, scale):
 ])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
 @pytest.mark.parametrize("segments", [0, 1, 3])
-def test_paged_decode_attention(batch, ctx, hq, hkv, d, bs, dtype, tol, segments):
+def test_paged_decode_attention(batch, ctx, hq, hkv, d, bs, dtype, tol, segments, decode_isa):
     q, k, v, tables, lens = paged_case(batch, ctx, hq, hkv, d, bs, dtype)
     ref = textbook(q, k, v, tables, lens, d**-0.5)
     out, lse = fast.paged_decode_attention(q, k, v, tables, lens, d**-0.5, segments)
@@ -106,7 +118,7 @@ def test_gemv(n, k):
     torch.testing.assert_close(fast.gemv(x, w, b), x @ w.T + b, atol=1e-4, rtol=1e-4)
 
 
-def test_float16_widening_covers_subnormals_inf_and_nan():
+def test_float16_widening_covers_subnormals_inf_and_nan(decode_isa):
     special = torch.tensor([0.0, -0.0, 6e-8, -6e-8, 1e-5, 65504.0, float("inf"), float("-inf")] * 8,
                            dtype=torch.float16)
     x = torch.cat([special, torch.randn(2048 - special.numel()).half()])

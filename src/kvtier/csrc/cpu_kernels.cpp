@@ -10,6 +10,7 @@
 #include "vec.h"
 
 #include <numeric>
+#include <string>
 
 namespace {
 
@@ -120,28 +121,29 @@ KV_CLONES void decode_one(const DecodeArgs& a, int64_t b, int64_t h, int64_t s) 
   }
 }
 
-// The G queries of one (sequence, KV head), scaled, in the order load16 reads rows of T in
-// (16-bit rows come deinterleaved per 16 elements: a dot product is unchanged if q is permuted alike).
-template <typename T, int NV>
+// The G queries of one (sequence, KV head), scaled, in the order the rows are read in: as they are (InOrder),
+// or deinterleaved per 16 elements as load16 reads bfloat16 and float16 rows (a dot product is unchanged if q
+// is permuted alike).
+template <bool InOrder, int NV>
 inline void load_queries(const float* q, int64_t G, float scale, float* qs) {
   constexpr int D = 8 * NV;
   const v8i ev = {0, 2, 4, 6, 8, 10, 12, 14}, od = {1, 3, 5, 7, 9, 11, 13, 15};
   for (int64_t g = 0; g < G; ++g)
     for (int c = 0; c < NV / 2; ++c) {
       const v8f x = load8(q + g * D + 16 * c) * splat8(scale), y = load8(q + g * D + 16 * c + 8) * splat8(scale);
-      const bool same = std::is_same_v<T, float>;
+      const bool same = InOrder;
       store8(qs + g * D + 16 * c, same ? x : __builtin_shuffle(x, y, ev));
       store8(qs + g * D + 16 * c + 8, same ? y : __builtin_shuffle(x, y, od));
     }
 }
 
 // acc * inv back in the natural element order (the inverse of load_queries' permutation)
-template <typename T, int NV>
+template <bool InOrder, int NV>
 inline void store_row(float* out, const v8f* acc, v8f inv) {
   const v8i lo = {0, 8, 1, 9, 2, 10, 3, 11}, hi = {4, 12, 5, 13, 6, 14, 7, 15};
   for (int c = 0; c < NV / 2; ++c) {
     const v8f x = acc[2 * c] * inv, y = acc[2 * c + 1] * inv;
-    const bool same = std::is_same_v<T, float>;
+    const bool same = InOrder;
     store8(out + 16 * c, same ? x : __builtin_shuffle(x, y, lo));
     store8(out + 16 * c + 8, same ? y : __builtin_shuffle(x, y, hi));
   }
@@ -230,17 +232,43 @@ __attribute__((always_inline)) inline void pv_rows(v8f (*acc)[NV], const float* 
 template <int N>
 using Int = std::integral_constant<int, N>;
 
-// ---- float32 on sixteen-float vectors ------------------------------------------------------------------
+// ---- rows in order on sixteen-float vectors ----------------------------------------------------------
 //
-// Where the x86-64-v4 clone runs (AVX-512), a float32 row is read one 64-byte line per vector: half the
-// loads and FMAs of the eight-float passes, whose compute (3.8 ms of 8.4 at B=32 x 8192 on Zen 5) did not
-// hide under the memory reads. Only decode_vec<float, NV, true> uses these, and only on such CPUs.
+// On AVX-512 CPUs (decode_vec_wide), a float32 row is read one 64-byte line per vector: half the loads and
+// FMAs of the eight-float passes, whose compute (3.8 ms of 8.4 at B=32 x 8192 on Zen 5) did not hide under
+// the memory reads. bfloat16 rows take the same passes, widened 16 elements at a time by one zero-extension
+// and a shift, and float16 rows (HalfF16C) by one conversion.
 
 typedef float v16f __attribute__((vector_size(64)));
+typedef short v16s __attribute__((vector_size(32)));
 
 inline v16f load16f(const float* p) {
   v16f v;
   std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+#ifdef KV_X86_BUILTINS
+__attribute__((always_inline)) inline v16f load16f(const HalfF16C* p) {  // AVX-512 code only (see HalfF16C)
+  v16s h;
+  std::memcpy(&h, p, sizeof(h));
+  return __builtin_ia32_vcvtph2ps512_mask(h, v16f{}, -1, 4);  // 4: the current rounding mode
+}
+#endif
+
+typedef uint16_t v16u16 __attribute__((vector_size(32)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+inline v16f load16f(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
+  v16u16 h;
+  std::memcpy(&h, p, sizeof(h));
+#ifdef KV_X86_BUILTINS  // one zero-extension (GCC splits the portable form below in halves)
+  const v16i w = __builtin_ia32_pmovzxwd512_mask((v16s)h, v16i{}, -1) << 16;
+#else
+  const v16i w = __builtin_convertvector(h, v16i) << 16;
+#endif
+  v16f v;
+  std::memcpy(&v, &w, sizeof(v));
   return v;
 }
 
@@ -251,17 +279,17 @@ inline v8f fold16(v16f a) {  // lane i + lane i + 8
          __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
 }
 
-// scores_rows on float32 rows, one line per load; pf as there
-template <int NV, int GB, int U>
-__attribute__((always_inline)) inline void scores_rows16(const float* qs, const float* k, float* sc, int64_t ld,
-                                                         const float* pf) {
+// scores_rows on rows in order, 16 elements per load; pf as there
+template <typename T, int NV, int GB, int U>
+__attribute__((always_inline)) inline void scores_rows16(const float* qs, const T* k, float* sc, int64_t ld,
+                                                         const T* pf) {
   constexpr int D = 8 * NV;
   v16f d[GB][U];
   for (int g = 0; g < GB; ++g)
     for (int u = 0; u < U; ++u) d[g][u] = v16f{};
   for (int c = 0; c < NV / 2; ++c)
     for (int u = 0; u < U; ++u) {
-      if (pf) __builtin_prefetch(pf + u * D + 16 * c);
+      if (pf && 16 * c * sizeof(T) % 64 == 0) __builtin_prefetch(pf + u * D + 16 * c);  // a line's first step
       const v16f x = load16f(k + u * D + 16 * c);
       for (int g = 0; g < GB; ++g) d[g][u] += load16f(qs + g * D + 16 * c) * x;
     }
@@ -273,20 +301,20 @@ __attribute__((always_inline)) inline void scores_rows16(const float* qs, const 
   }
 }
 
-// pv_rows on float32 rows: acc[g * D + d] += sum over t < n of p[g * ld + t] vb[t * D + d], GB heads, NW
-// vectors (lines) of a row per pass; pf as there
-template <int NV, int GB, int NW>
-__attribute__((always_inline)) inline void pv_rows16(float* acc, const float* p, int64_t ld, const float* vb,
-                                                     int64_t n, const float* pf) {
+// pv_rows on rows in order: acc[g * D + d] += sum over t < n of p[g * ld + t] vb[t * D + d], GB heads, NW
+// vectors (16 elements each) of a row per pass; pf as there
+template <typename T, int NV, int GB, int NW>
+__attribute__((always_inline)) inline void pv_rows16(float* acc, const float* p, int64_t ld, const T* vb,
+                                                     int64_t n, const T* pf) {
   constexpr int D = 8 * NV;
-  static_assert((D / 16) % NW == 0, "a pass covers whole lines of the row");
+  static_assert((D / 16) % NW == 0, "a pass covers whole vectors of the row");
   for (int c0 = 0; c0 < D; c0 += 16 * NW) {
     v16f o[GB][NW];
     for (int g = 0; g < GB; ++g)
       for (int w = 0; w < NW; ++w) o[g][w] = load16f(acc + g * D + c0 + 16 * w);
     for (int64_t t = 0; t < n; ++t)
       for (int w = 0; w < NW; ++w) {
-        if (pf) __builtin_prefetch(pf + t * D + c0 + 16 * w);
+        if (pf && (c0 + 16 * w) * sizeof(T) % 64 == 0) __builtin_prefetch(pf + t * D + c0 + 16 * w);
         const v16f x = load16f(vb + t * D + c0 + 16 * w);
         for (int g = 0; g < GB; ++g) o[g][w] += x * p[g * ld + t];
       }
@@ -382,9 +410,9 @@ inline ItemBlocks item_blocks(const DecodeArgs& a, int64_t item) {
 // [Hkv, bs, D] slab, so the reads stream through memory (per-head items would jump between 2 KB pieces
 // and defeat the hardware prefetchers). Per-head state (accumulators, max, sum) lives across chunks.
 // next: the item this thread computes next (its first blocks are prefetched), or -1.
-template <typename T, int NV, bool Wide = false>
-KV_CLONES void decode_vec(const DecodeArgs& a, int64_t item, int64_t next) {
-  static_assert(!Wide || std::is_same_v<T, float>, "the sixteen-float passes read float32 rows");
+template <typename T, int NV, bool Wide>
+__attribute__((always_inline)) inline void decode_vec_body(const DecodeArgs& a, int64_t item, int64_t next) {
+  constexpr bool InOrder = Wide || !kDeinterleaved<T>;  // the order rows (and so q and acc) are read in
   constexpr int D = 8 * NV;
   const int64_t b = item / a.S, s = item % a.S;
   const int64_t G = a.G, Hkv = a.Hkv, Hq = Hkv * G, bs = a.bs, ctx = a.ctx[b];
@@ -401,7 +429,7 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t item, int64_t next) {
   auto acc = reinterpret_cast<v8f(*)[NV]>(accs.p);
   for (int64_t q = 0; q < Hq; ++q)
     for (int v = 0; v < NV; ++v) acc[q][v] = splat8(0.f);
-  for (int64_t h = 0; h < Hkv; ++h) load_queries<T, NV>(a.q + (b * Hkv + h) * G * D, G, a.scale, qs.p + h * G * D);
+  for (int64_t h = 0; h < Hkv; ++h) load_queries<InOrder, NV>(a.q + (b * Hkv + h) * G * D, G, a.scale, qs.p + h * G * D);
   const T* kbase = static_cast<const T*>(a.k);
   const T* vbase = static_cast<const T*>(a.v);
   const int64_t slab = Hkv * bs * D;  // one block, all heads
@@ -426,7 +454,7 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t item, int64_t next) {
           for (int64_t t0 = 0; t0 < n; t0 += rows) {
             const T* pf = g0 == 0 ? vb + t0 * D : nullptr;
             float* out = sc + q * ld + i * bs + t0;
-            if constexpr (Wide) scores_rows16<NV, GB, U>(qs.p + q * D, kb + t0 * D, out, ld, pf);
+            if constexpr (Wide) scores_rows16<T, NV, GB, U>(qs.p + q * D, kb + t0 * D, out, ld, pf);
             else scores_rows<T, NV, GB, U>(qs.p + q * D, kb + t0 * D, out, ld, pf);
           }
         });
@@ -446,8 +474,8 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t item, int64_t next) {
         if constexpr (Wide)
           pv_groups16<NV>(G, [&](int64_t g0, auto gb, auto nw) {
             const int64_t q = h * G + g0;
-            pv_rows16<NV, decltype(gb)::value, decltype(nw)::value>(accs.p + q * D, sc + q * ld + i * bs, ld, vb, n,
-                                                                    g0 == 0 ? kb : nullptr);
+            pv_rows16<T, NV, decltype(gb)::value, decltype(nw)::value>(accs.p + q * D, sc + q * ld + i * bs, ld, vb,
+                                                                       n, g0 == 0 ? kb : nullptr);
           });
         else
           pv_groups(G, [&](int64_t g0, auto gb, auto vc) {
@@ -460,23 +488,78 @@ KV_CLONES void decode_vec(const DecodeArgs& a, int64_t item, int64_t next) {
   }
   for (int64_t q = 0; q < Hq; ++q) {
     const int64_t h = q / G, g = q % G, at = ((b * Hkv + h) * a.S + s) * G + g;
-    store_row<T, NV>(a.out + at * D, acc[q], splat8(l[q] > 0.f ? 1.f / l[q] : 0.f));
+    store_row<InOrder, NV>(a.out + at * D, acc[q], splat8(l[q] > 0.f ? 1.f / l[q] : 0.f));
     a.lse[at] = l[q] > 0.f ? m[q] + std::log(l[q]) : -std::numeric_limits<float>::infinity();
   }
 }
 
-// one work item: one segment of one sequence, all KV heads; next: see decode_vec. float32 rows go through the
-// sixteen-float passes where the AVX-512 clone runs.
+template <typename T, int NV>
+KV_CLONES void decode_vec(const DecodeArgs& a, int64_t item, int64_t next) {
+  decode_vec_body<T, NV, false>(a, item, next);
+}
+
+#ifdef KV_X86
+// decode_vec on the sixteen-float passes (float32, bfloat16, or float16 through F16C), compiled for AVX-512
+// alone and picked where the CPU has it
+template <typename T, int NV>
+__attribute__((target("arch=x86-64-v4"))) void decode_vec_wide(const DecodeArgs& a, int64_t item, int64_t next) {
+  decode_vec_body<T, NV, true>(a, item, next);
+}
+#endif
+
+#ifdef KV_X86_BUILTINS
+// decode_vec on float16 rows through F16C on the eight-float passes, compiled for AVX2 (see HalfF16C)
+template <int NV>
+__attribute__((target("arch=x86-64-v3"))) void decode_vec_f16c(const DecodeArgs& a, int64_t item, int64_t next) {
+  decode_vec_body<HalfF16C, NV, false>(a, item, next);
+}
+#endif
+
+// decode_vec for head_dim 64 or 128; wide: the sixteen-float passes
+template <typename T>
+void decode_rows(const DecodeArgs& a, int64_t item, int64_t next, bool wide) {
+#ifdef KV_X86
+  if constexpr (!std::is_same_v<T, c10::Half>)  // float16 widened in integer ops has eight-float passes only
+    if (wide) return a.D == 64 ? decode_vec_wide<T, 8>(a, item, next) : decode_vec_wide<T, 16>(a, item, next);
+#endif
+#ifdef KV_X86_BUILTINS
+  if constexpr (std::is_same_v<T, HalfF16C>) {
+    a.D == 64 ? decode_vec_f16c<8>(a, item, next) : decode_vec_f16c<16>(a, item, next);
+    return;
+  } else
+#endif
+  a.D == 64 ? decode_vec<T, 8>(a, item, next) : decode_vec<T, 16>(a, item, next);
+}
+
+// Which decode passes run: the sixteen-float ones (AVX-512) and F16C's float16 widening (AVX2 and up). The
+// CPU's best by default; tests pick each in turn.
+struct DecodeIsa {
+  const char* name;
+  bool wide, f16c;
+};
+
+DecodeIsa pick_decode_isa(const std::string& name) {
+  if ((name == "auto" || name == "avx512") && has_avx512()) return {"avx512", true, true};
+  if ((name == "auto" || name == "avx2") && has_avx2()) return {"avx2", false, true};
+  TORCH_CHECK(name == "auto" || name == "generic", "instruction set '", name, "' is not available on this CPU");
+  return {"generic", false, false};
+}
+
+DecodeIsa g_decode_isa = pick_decode_isa("auto");
+
+// one work item: one segment of one sequence, all KV heads; next: see decode_vec
 template <typename T>
 void decode_item(const DecodeArgs& a, int64_t item, int64_t next) {
   if (a.bs % 8 != 0 || (a.D != 64 && a.D != 128)) {
     for (int64_t h = 0; h < a.Hkv; ++h) decode_one<T>(a, item / a.S, h, item % a.S);
     return;
   }
-  static const bool wide = std::is_same_v<T, float> && has_avx512();
-  if constexpr (std::is_same_v<T, float>)
-    if (wide) return a.D == 64 ? decode_vec<T, 8, true>(a, item, next) : decode_vec<T, 16, true>(a, item, next);
-  a.D == 64 ? decode_vec<T, 8>(a, item, next) : decode_vec<T, 16>(a, item, next);
+  const DecodeIsa isa = g_decode_isa;
+#ifdef KV_X86_BUILTINS
+  if constexpr (std::is_same_v<T, c10::Half>)
+    if (isa.f16c) return decode_rows<HalfF16C>(a, item, next, isa.wide);
+#endif
+  decode_rows<T>(a, item, next, isa.wide);
 }
 
 constexpr int64_t kSerialWork = 2048;  // (token, KV head) pairs below which one thread beats waking others
@@ -765,6 +848,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention with split-KV merge",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("ctx"), py::arg("scale"),
         py::arg("num_segments") = 0, py::arg("block_lse") = false);
+  m.def("decode_isa", [] { return std::string(g_decode_isa.name); }, "decode attention's passes in use");
+  m.def("set_decode_isa", [](const std::string& name) { g_decode_isa = pick_decode_isa(name); },
+        "choose decode attention's passes: 'auto', 'avx512', 'avx2' or 'generic' (tests)");
   m.def("write_kv", &write_kv, "write new K/V rows into their cache slots");
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("add_rms_norm", &add_rms_norm, "residual add in place, then RMSNorm");

@@ -2,6 +2,8 @@
 // halves in the baseline clone, from the same source. Loads widen bfloat16/float16 to float32.
 #pragma once
 
+#include "common.h"  // KV_X86
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -78,40 +80,47 @@ inline void load16_deinterleaved(const c10::Half* p, v8f& even, v8f& odd) {
   odd = half_bits_to_float(w >> 16);
 }
 
-// A row of 8 * NV elements as NV float vectors. 16-bit rows come deinterleaved per 16 elements
-// (evens, then odds): a dot product or an axpy is unchanged if the other operand is permuted alike.
+#if defined(KV_X86) && !defined(__clang__)
+// GCC's x86 builtins: unlike the intrinsics (functions with their own target, which do not inline into the
+// code between), a builtin is checked where it is finally compiled, so always-inline helpers can use one if
+// every function they end up in is compiled for its instruction set (and runs only where the CPU has it).
+#define KV_X86_BUILTINS 1
+// float16 data (c10::Half's bits) widened by F16C's conversion, one instruction per eight elements: for
+// functions compiled for AVX2 or AVX-512 (decode_vec_f16c, decode_vec_wide).
+struct HalfF16C {
+  uint16_t bits;
+};
+
+typedef short v8s __attribute__((vector_size(16)));
+
+__attribute__((always_inline)) inline v8f load8(const HalfF16C* p) {
+  v8s h;
+  std::memcpy(&h, p, sizeof(h));
+  return __builtin_ia32_vcvtph2ps256(h);
+}
+#endif
+
+// Sixteen floats of a row as two vectors: float32 (and HalfF16C) rows in order, other 16-bit rows
+// deinterleaved: evens, then odds (a dot product or an axpy is unchanged if the other operand is permuted alike).
 template <typename T>
-struct Rows {
-  static constexpr bool kDeinterleaved = false;
-  template <int NV>
-  static void load(const T* p, v8f* r) {
-    for (int v = 0; v < NV; ++v) r[v] = load8(p + 8 * v);
-  }
-};
-
-template <typename H>
-struct Rows16 {
-  static constexpr bool kDeinterleaved = true;
-  template <int NV>
-  static void load(const H* p, v8f* r) {
-    static_assert(NV % 2 == 0, "16-bit rows are read 16 elements at a time");
-    for (int c = 0; c < NV / 2; ++c) load16_deinterleaved(p + 16 * c, r[2 * c], r[2 * c + 1]);
-  }
-};
-
+inline constexpr bool kDeinterleaved = true;
 template <>
-struct Rows<c10::BFloat16> : Rows16<c10::BFloat16> {};
+inline constexpr bool kDeinterleaved<float> = false;
 
-template <>
-struct Rows<c10::Half> : Rows16<c10::Half> {};
-
-// Sixteen floats of a row as two vectors: float32 rows in order, 16-bit rows deinterleaved (as Rows<T>).
 inline void load16(const float* p, v8f& a, v8f& b) {
   a = load8(p);
   b = load8(p + 8);
 }
 inline void load16(const c10::BFloat16* p, v8f& a, v8f& b) { load16_deinterleaved(p, a, b); }
 inline void load16(const c10::Half* p, v8f& a, v8f& b) { load16_deinterleaved(p, a, b); }
+#ifdef KV_X86_BUILTINS
+template <>
+inline constexpr bool kDeinterleaved<HalfF16C> = false;
+__attribute__((always_inline)) inline void load16(const HalfF16C* p, v8f& a, v8f& b) {
+  a = load8(p);
+  b = load8(p + 8);
+}
+#endif
 
 inline v8f max8(v8f a, v8f b) { return a > b ? a : b; }
 inline v8f min8(v8f a, v8f b) { return a < b ? a : b; }
