@@ -1,8 +1,8 @@
 """Decode attention kernels against the machine's read bandwidth and against torch baselines, in one run.
 
     python benchmarks/bench_attention.py [--model smollm2|llama-3-8b] [--batches 1,8,32]
-                                         [--contexts 512,2048,8192] [--budget 0.3] [--threads N]
-                                         [--json out.json]
+                                         [--contexts 512,2048,8192] [--layers N] [--budget 0.3]
+                                         [--threads N] [--json out.json]
 
 At each batch x context, with every sequence at that context and random block tables (the
 pessimistic case: the engine's tables are mostly ascending), it runs: kvtier's paged decode
@@ -15,7 +15,12 @@ two: a shared host's bandwidth moves from minute to minute), and speed ratios (b
 kernel time) against torch SDPA over contiguous K/V of the same dtype (bfloat16 for HACK), against
 "dequantize then SDPA" (HF transformers' QuantizedCache approach) for HACK, and against kvtier's
 bfloat16 kernel. Small working sets fit in the caches, so their "bandwidth" can exceed the DRAM
-figure; the goals are read at the largest point."""
+figure; the goals are read at the largest point.
+
+A point repeats one call on one cache, so at batch 1 the KV stays in the CPU's caches. The engine's step
+reads every layer's KV once, from memory: the "xNL" rows (batch 1, the largest context) time float32,
+bfloat16 and HACK 2-bit over --layers caches (default: the model's layer count), one call per layer, on
+ascending block tables (one sequence's blocks, as the engine allocates them), and give the time per layer."""
 
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from kvtier.kernels.kcache import kcache_decode_attention, selected_counts
 from kvtier.utils.membw import read_bandwidth
 
 MODELS = {"smollm2": (9, 3, 64), "llama-3-8b": (32, 8, 128)}  # Hq, Hkv, D
+LAYERS = {"smollm2": 30, "llama-3-8b": 32}
 FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BLOCK = 16  # float caches' block size, the engine's default
 KCACHE_FRACTION = 0.1
@@ -129,10 +135,11 @@ def row(kernel, batch, context, seconds, nbytes, bw, **ratios) -> Row:
                bw / 1e9 if bw else 0.0, **ratios)
 
 
-def measured(batch, context, shape, budget) -> list[Row]:
-    """One point's rows, their shares against the read bandwidth measured just before and just after it."""
+def measured(batch, context, shape, budget, point_fn=None) -> list[Row]:
+    """One point's rows (``point``, or ``point_fn(bw)``), their shares against the read bandwidth measured
+    just before and just after it."""
     before = read_bandwidth()
-    rows = point(batch, context, shape, None, budget)
+    rows = point(batch, context, shape, None, budget) if point_fn is None else point_fn(None)
     bw = max(before, read_bandwidth())
     for r in rows:
         r.share, r.read_gbps = r.gbps * 1e9 / bw, bw / 1e9
@@ -195,6 +202,31 @@ def point(batch, context, shape, bw, budget) -> list[Row]:
     return rows + hack_rows(batch, context, shape, bw, budget, t_bf16, t_bf16 * bf16.vs_sdpa)
 
 
+def ascending(plan: DecodePlan) -> DecodePlan:
+    return DecodePlan(torch.arange(plan.block_tables.numel()).view_as(plan.block_tables), plan.context_lens)
+
+
+def per_call(fn, calls, budget) -> float:
+    """Best time of one sweep of ``fn(*args)`` over ``calls``, per call."""
+    return best_time(lambda: [fn(*c) for c in calls], budget) / len(calls)
+
+
+def layered_rows(context, shape, layers, bw, budget) -> list[Row]:
+    """Batch 1, one call on each of ``layers`` caches in turn (the engine's step); times per layer."""
+    scale, rows = shape[2] ** -0.5, []
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        calls = [(q, k, v, ascending(plan), scale) for q, k, v, plan in
+                 (float_cache(1, context, shape, dtype) for _ in range(layers))]
+        t = per_call(paged_decode_attention, calls, budget)
+        rows.append(row(f"{name} x{layers}L", 1, context, t, 2 * context * shape[1] * shape[2] * dtype.itemsize, bw))
+        del calls  # before the next dtype's caches
+    calls = [(q, cache, ascending(plan), scale, slots) for q, cache, plan, slots in
+             (hack_cache(1, context, shape, 2) for _ in range(layers))]
+    t = per_call(hack_decode_attention, calls, budget)
+    nbytes = hack_read_bytes(1, context, shape, calls[0][1].fmt)
+    return rows + [row(f"hack2 x{layers}L", 1, context, t, nbytes, bw, vs_kvtier_bf16=rows[-1].ms / 1e3 / t)]
+
+
 def fmt_ratio(x: float | None) -> str:
     return f"{x:8.2f}x" if x is not None else " " * 9
 
@@ -223,6 +255,9 @@ def print_goals(rows: list[Row]) -> None:
     for r in (r for r in rows if r.kernel == "hack2" and r.context == ctx):
         print(f"  hack2 at ctx {ctx}, B={r.batch}: {r.vs_kvtier_bf16:.2f}x kvtier bf16 (goal >= 3x), "
               f"{r.vs_dequant_sdpa:.1f}x dequantize-then-SDPA (goal >= 10x)")
+    for r in (r for r in rows if r.kernel.startswith("hack2 x")):
+        print(f"  hack2 at ctx {r.context}, B=1, one call per layer over {r.kernel.split('x')[1][:-1]} layers "
+              f"(the engine's step): {r.vs_kvtier_bf16:.2f}x kvtier bf16")
     kc = next(r for r in rows if r.kernel.startswith("kcache") and r.context == ctx)
     print(f"  kcache at ctx {ctx}: V rows read per KV head = {kc.v_rows} (N), not {ctx}")
 
@@ -232,6 +267,8 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2", help="attention shapes (Hq, Hkv, D)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--contexts", default="512,2048,8192")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="caches the batch-1 engine-step rows cycle through (default: the model's layers; 0: none)")
     ap.add_argument("--budget", type=float, default=0.3, help="seconds of repeats per timing (best of them)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
@@ -243,11 +280,18 @@ def main() -> None:
           "bw: read bandwidth around each point, GB/s")
     rows = []
     print_header()
-    for batch in (int(b) for b in args.batches.split(",")):
-        for context in (int(c) for c in args.contexts.split(",")):
+    batches, contexts = [int(b) for b in args.batches.split(",")], [int(c) for c in args.contexts.split(",")]
+    for batch in batches:
+        for context in contexts:
             new = measured(batch, context, shape, args.budget)
             print_rows(new)
             rows += new
+    layers = LAYERS[args.model] if args.layers is None else args.layers
+    if layers > 0 and 1 in batches:
+        context = max(contexts)
+        new = measured(1, context, shape, args.budget, lambda bw: layered_rows(context, shape, layers, bw, args.budget))
+        print_rows(new)
+        rows += new
     print_goals(rows)
     if args.json:
         with open(args.json, "w") as f:
