@@ -121,3 +121,11 @@ def test_share_and_free_refcounts():
     pool.free(ids)
     assert pool.num_free == 4
     pool.check()
+
+
+def test_reused_blocks_come_out_in_their_old_order():
+    pool = BlockPool(8)
+    a = pool.allocate(5)
+    assert a == [0, 1, 2, 3, 4]
+    pool.free(a[1:])
+    assert pool.allocate(4) == [1, 2, 3, 4]  # a finished sequence's table, still ascending

@@ -3,7 +3,9 @@
 Block ids are plain ints; what a block holds lives in ``KVStorage``. A block is free exactly when
 its reference count is zero. Sharing a block (prefix reuse, parallel sampling) raises its count.
 Free blocks are reused last-in first-out: a long-running server keeps touching the same, cache-warm
-blocks instead of slowly committing its whole (lazily allocated) pool.
+blocks instead of slowly committing its whole (lazily allocated) pool. Freed blocks go back in reverse,
+so a new sequence gets a finished one's blocks in their old, mostly ascending order: attention reads a
+table in order, and ascending blocks stream from memory (random ones ran at 0.6x on the CPU kernels).
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ class BlockPool:
             self.ref_counts[b] += 1
 
     def free(self, ids: list[int]) -> list[int]:
-        """Drop one reference to each block; blocks nobody holds go back to the pool (returned)."""
+        """Drop one reference to each block; blocks nobody holds go back to the pool (returned, in the order
+        they will come out again)."""
         freed = []
-        for b in ids:
+        for b in reversed(ids):
             assert self.ref_counts[b] > 0, f"block {b} freed twice"
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
