@@ -429,7 +429,8 @@ __attribute__((always_inline)) inline void decode_vec_body(const DecodeArgs& a, 
   auto acc = reinterpret_cast<v8f(*)[NV]>(accs.p);
   for (int64_t q = 0; q < Hq; ++q)
     for (int v = 0; v < NV; ++v) acc[q][v] = splat8(0.f);
-  for (int64_t h = 0; h < Hkv; ++h) load_queries<InOrder, NV>(a.q + (b * Hkv + h) * G * D, G, a.scale, qs.p + h * G * D);
+  for (int64_t h = 0; h < Hkv; ++h)
+    load_queries<InOrder, NV>(a.q + (b * Hkv + h) * G * D, G, a.scale, qs.p + h * G * D);
   const T* kbase = static_cast<const T*>(a.k);
   const T* vbase = static_cast<const T*>(a.v);
   const int64_t slab = Hkv * bs * D;  // one block, all heads
