@@ -259,7 +259,8 @@ __attribute__((always_inline)) inline v16f load16f(const HalfF16C* p) {  // AVX-
 typedef uint16_t v16u16 __attribute__((vector_size(32)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 
-inline v16f load16f(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
+// bfloat16 is the top half of a float32. always_inline: the builtin compiles only inside AVX-512 code.
+__attribute__((always_inline)) inline v16f load16f(const c10::BFloat16* p) {
   v16u16 h;
   std::memcpy(&h, p, sizeof(h));
 #ifdef KV_X86_BUILTINS  // one zero-extension (GCC splits the portable form below in halves)
