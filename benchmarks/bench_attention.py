@@ -146,6 +146,10 @@ def measured(batch, context, shape, budget, point_fn=None) -> list[Row]:
     return rows
 
 
+def ascending(plan: DecodePlan) -> DecodePlan:
+    return DecodePlan(torch.arange(plan.block_tables.numel()).view_as(plan.block_tables), plan.context_lens)
+
+
 def float_rows(batch, context, shape, bw, budget) -> list[Row]:
     rows = []
     for name, dtype in FLOATS.items():
@@ -162,8 +166,8 @@ def float_row(name, dtype, batch, context, shape, bw, budget) -> list[Row]:
     t_sdpa = sdpa_time(batch, context, shape, dtype, budget)
     rows = [row(name, batch, context, t, nbytes, bw, vs_sdpa=t_sdpa / t)]
     if name in ("float32", "bfloat16"):  # the same cache, the engine's usual case: blocks in ascending order
-        ascending = DecodePlan(torch.arange(plan.block_tables.numel()).view_as(plan.block_tables), plan.context_lens)
-        t_asc = best_time(lambda: paged_decode_attention(q, k, v, ascending, d**-0.5), budget)
+        asc = ascending(plan)
+        t_asc = best_time(lambda: paged_decode_attention(q, k, v, asc, d**-0.5), budget)
         rows.append(row(f"{name} asc", batch, context, t_asc, nbytes, bw, vs_sdpa=t_sdpa / t_asc))
     if name == "float32":
         rows.append(kcache_row(q, k, v, plan, batch, context, shape, bw, budget, t_sdpa))
@@ -200,10 +204,6 @@ def point(batch, context, shape, bw, budget) -> list[Row]:
     bf16 = next(r for r in rows if r.kernel == "bfloat16")
     t_bf16 = bf16.ms / 1e3
     return rows + hack_rows(batch, context, shape, bw, budget, t_bf16, t_bf16 * bf16.vs_sdpa)
-
-
-def ascending(plan: DecodePlan) -> DecodePlan:
-    return DecodePlan(torch.arange(plan.block_tables.numel()).view_as(plan.block_tables), plan.context_lens)
 
 
 def per_call(fn, calls, budget) -> float:

@@ -324,10 +324,10 @@ __attribute__((always_inline)) inline void pv_rows16(float* acc, const float* p,
   }
 }
 
-// P.V passes of pv_rows16 over G heads: f(g0, heads, lines per pass), at most 16 accumulators
+// P.V passes of pv_rows16 over G heads: f(g0, heads, vectors per pass), at most 16 accumulators
 template <int NV, typename F>
 __attribute__((always_inline)) inline void pv_groups16(int64_t G, F&& f) {
-  constexpr int L = NV / 2;  // lines per row
+  constexpr int L = NV / 2;  // sixteen-float vectors per row
   constexpr int N4 = L < 4 ? L : 4, N8 = L < 8 ? L : 8;
   int64_t g = 0;
   for (; G - g >= 4; g += 4) f(g, Int<4>{}, Int<N4>{});
